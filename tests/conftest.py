@@ -1,0 +1,26 @@
+import os
+
+import pytest
+import torch
+
+
+def pytest_report_header(config):
+    import vqext
+    from vqext import _native
+
+    return [f"vqext {vqext.__version__}, torch {torch.__version__}, native={_native.native_available()} "
+            f"({_native.load_error() or 'loaded'})"]
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_seed():
+    torch.manual_seed(0)
+    yield
+
+
+def devices():
+    """CPU always; CUDA when a device is present and the extension was compiled with it."""
+    devs = ["cpu"]
+    if torch.cuda.is_available():
+        devs.append("cuda")
+    return devs

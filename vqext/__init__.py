@@ -1,0 +1,19 @@
+"""vqext: small, fast codebook (VQ) time-series forecasters with native kernels."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import _native  # noqa: F401  (loads the extension once, warns if it is missing)
+from . import ops  # noqa: F401
+
+
+def __getattr__(name):
+    # The registry is imported lazily so `import vqext` never imports plugins.
+    if name in ("list_archs", "list_pes", "create_model", "registry"):
+        from . import registry
+
+        return registry if name == "registry" else getattr(registry, name)
+    raise AttributeError(f"module 'vqext' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "ops", "list_archs", "list_pes", "create_model"]

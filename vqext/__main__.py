@@ -1,0 +1,3 @@
+from vqext.cli import main
+
+main()

@@ -1,0 +1,39 @@
+"""The interface every architecture implements (built-in or plugin).
+
+A model maps a normalised window ``x`` of shape ``(B, T, 1)`` to next-step predictions of the
+same shape: output ``t`` predicts input ``t + 1``. ``start_pos`` is the absolute position of the
+window's first step (an int, or a per-batch int tensor), so that position encodings stay
+consistent when a window slides along a series.
+
+Cached decoding (``supports_cache = True``): ``init_cache`` allocates per-layer state, and
+``step`` consumes one new step ``(B, 1, 1)`` at absolute position ``cache.pos`` and returns its
+prediction ``(B, 1, 1)``; feeding a whole window step by step equals ``forward`` on it.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class ForecastModel(nn.Module):
+    #: Registry names of the positional encodings this architecture accepts ("*" = any).
+    accepted_pes: ClassVar[tuple[str, ...]] = ("*",)
+    #: Whether ``init_cache``/``step`` give cached autoregressive decoding.
+    supports_cache: ClassVar[bool] = False
+    #: Hyper-parameter defaults (the CLI and ``create_model`` fill in from these).
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def validate(cls, pe: str, **hparams) -> None:
+        """Raise ``vqext.errors.ConfigError`` naming what to change if the combination is invalid."""
+
+    def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
+        raise NotImplementedError
+
+    def init_cache(self, batch_size: int, max_len: int | None = None, start_pos: int = 0):
+        raise NotImplementedError(f"{type(self).__name__} does not support cached decoding")
+
+    def step(self, x_t: torch.Tensor, cache) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not support cached decoding")

@@ -1,0 +1,1 @@
+"""Layers built on vqext's ops."""

@@ -1,0 +1,1 @@
+"""Positional encodings. Each is registered through the ``vqext.positional_encodings`` group."""
