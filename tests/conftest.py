@@ -24,3 +24,16 @@ def devices():
     if torch.cuda.is_available():
         devs.append("cuda")
     return devs
+
+
+try:
+    from hypothesis import HealthCheck, settings
+
+    # "sanitize": the ASan/UBSan build is ~10x slower; "fuzz": more examples for a deeper run.
+    settings.register_profile("sanitize", max_examples=8, deadline=None,
+                              suppress_health_check=list(HealthCheck))
+    settings.register_profile("fuzz", max_examples=300, deadline=None)
+    settings.register_profile("default", deadline=None)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+except ImportError:  # hypothesis is a test extra
+    pass
