@@ -74,6 +74,8 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, metric: str = "l2"):
 if _native.native_available():
     @torch.library.register_fake("vqext::nearest_code")
     def _nearest_code_fake(x, codebook, metric="l2"):
-        # Shapes only: one (index, score) per vector of x; score has x's dtype.
+        # Shapes only: one (index, score) per vector of x; score has x's dtype. Validation runs
+        # here too, so a traced or meta call fails as clearly as an eager one.
+        _validate(x, codebook, metric)
         out_shape = x.shape[:-1]
         return (x.new_empty(out_shape, dtype=torch.int64), x.new_empty(out_shape))
