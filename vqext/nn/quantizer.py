@@ -35,8 +35,8 @@ class VectorQuantizer(nn.Module):
             by gradient (the codebook is then a buffer).
         decay: EMA decay, for the codebook (``ema``) and for the usage statistics of dead-code reset.
         eps: Laplace smoothing of EMA cluster sizes.
-        kmeans_init: on the first training batch, set the codebook by ``kmeans_iters`` rounds of
-            k-means on that batch (seeded by torch's global RNG).
+        kmeans_init: on the first training batch, set the codebook by k-means++ seeding and
+            ``kmeans_iters`` Lloyd rounds on that batch (random draws from torch's global RNG).
         dead_code_threshold: in training, a code whose running usage (EMA of its assignments per
             batch) falls below this is reset to a random vector of the current batch. 0 disables.
 
@@ -98,9 +98,7 @@ class VectorQuantizer(nn.Module):
         n = xs.shape[0]
         if n == 0:
             return
-        pick = torch.randperm(n, device=xs.device)[:self.num_codes] if n >= self.num_codes else \
-            torch.randint(n, (self.num_codes,), device=xs.device)
-        cent = xs[pick].transpose(0, 1).contiguous()  # (H, K, hd)
+        cent = self._kmeanspp_seeds(xs)  # (H, K, hd)
         for _ in range(iters):
             idx, _ = nearest_code(xs, cent)  # (n, H)
             counts, sums = self._assign_stats(xs, idx)
@@ -113,6 +111,23 @@ class VectorQuantizer(nn.Module):
             self.ema_count.copy_(counts.clamp_min(1.0))
             self.ema_sum.copy_(cent * self.ema_count.unsqueeze(-1))
         self.initialized.fill_(True)
+
+    def _kmeanspp_seeds(self, xs: torch.Tensor) -> torch.Tensor:
+        """k-means++ seeding per head: each next seed is drawn with probability proportional to
+        its squared distance from the seeds so far (uniform once every vector is covered)."""
+        n, H = xs.shape[0], self.heads
+        heads = torch.arange(H, device=xs.device)
+        cent = xs.new_empty(H, self.num_codes, self.head_dim)
+        pick = torch.randint(n, (H,), device=xs.device)
+        cent[:, 0] = xs[pick, heads]
+        dmin = (xs - cent[:, 0]).pow(2).sum(-1)  # (n, H)
+        for k in range(1, self.num_codes):
+            w = dmin.t().clamp_min(0)
+            w = torch.where(w.sum(-1, keepdim=True) > 0, w, torch.ones_like(w))
+            pick = torch.multinomial(w, 1).squeeze(-1)
+            cent[:, k] = xs[pick, heads]
+            dmin = torch.minimum(dmin, (xs - cent[:, k]).pow(2).sum(-1))
+        return cent
 
     def _assign_stats(self, xs: torch.Tensor, idx: torch.Tensor):
         """Per head: number of vectors assigned to each code (H, K) and their sum (H, K, hd)."""
