@@ -27,6 +27,24 @@ struct Avx2Lanes {
   static I selecti(M m, I a, I b) {
     return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(b), m));
   }
+  // Index of the best lane (code = panel * 8 + lane): smallest value, ties to the smallest code.
+  static int64_t argmin_lanes(const float* val, const int32_t* panel, int64_t K) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i code = _mm256_add_epi32(_mm256_slli_epi32(loadi(panel), 3), lane);
+    const __m256 valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(K)), code));
+    const __m256 v = _mm256_blendv_ps(_mm256_set1_ps(__builtin_inff()), load(val), valid);
+    __m256 m = _mm256_min_ps(v, _mm256_permute2f128_ps(v, v, 1));
+    m = _mm256_min_ps(m, _mm256_permute_ps(m, 0x4E));
+    m = _mm256_min_ps(m, _mm256_permute_ps(m, 0xB1));
+    const __m256 at_min = _mm256_and_ps(_mm256_cmp_ps(v, m, _CMP_EQ_OQ), valid);
+    if (_mm256_testz_ps(at_min, at_min)) return 0;  // all NaN
+    __m256i c = _mm256_castps_si256(
+        _mm256_blendv_ps(_mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), _mm256_castsi256_ps(code), at_min));
+    c = _mm256_min_epi32(c, _mm256_permute2x128_si256(c, c, 1));
+    c = _mm256_min_epi32(c, _mm256_shuffle_epi32(c, 0x4E));
+    c = _mm256_min_epi32(c, _mm256_shuffle_epi32(c, 0xB1));
+    return _mm256_cvtsi256_si32(c);
+  }
 };
 
 }  // namespace

@@ -30,6 +30,17 @@ struct Avx512Lanes {
   // where m: b, else a
   static V select(M m, V a, V b) { return _mm512_mask_blend_ps(m, a, b); }
   static I selecti(M m, I a, I b) { return _mm512_mask_blend_epi32(m, a, b); }
+  // Index of the best lane (code = panel * 16 + lane): smallest value, ties to the smallest code.
+  static int64_t argmin_lanes(const float* val, const int32_t* panel, int64_t K) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i code = _mm512_add_epi32(_mm512_slli_epi32(loadi(panel), 4), lane);
+    const __mmask16 valid = _mm512_cmplt_epi32_mask(code, _mm512_set1_epi32(static_cast<int32_t>(K)));
+    const __m512 v = _mm512_mask_mov_ps(_mm512_set1_ps(__builtin_inff()), valid, load(val));
+    const float m = _mm512_reduce_min_ps(v);
+    const __mmask16 at_min = _mm512_mask_cmp_ps_mask(valid, v, _mm512_set1_ps(m), _CMP_EQ_OQ);
+    if (!at_min) return 0;  // all NaN
+    return _mm512_mask_reduce_min_epi32(at_min, code);
+  }
 };
 
 }  // namespace

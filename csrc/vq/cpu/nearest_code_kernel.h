@@ -42,7 +42,7 @@ inline void micro_tile(const float* const* xr, const float* packed, const float*
 #pragma GCC unroll 4
       for (int j = 0; j < NR; ++j) acc[r][j] = S::load(bias + (p + j) * W);
     if (DC > 0) {
-#pragma GCC unroll 64
+#pragma GCC unroll 8
       for (int64_t d = 0; d < D; ++d) {
 #pragma GCC unroll 4
         for (int j = 0; j < NR; ++j) {
@@ -115,17 +115,7 @@ void search_rows(const F32Search& s, int64_t row_begin, int64_t row_end) {
     // Reduce lanes: smallest value, then smallest index. Padding lanes (index >= K) never win;
     // a row whose values are all NaN (no comparison succeeds) gets index 0.
     for (int64_t r = 0; r < nrows; ++r) {
-      float v = inf;
-      int64_t k_best = s.K;
-      for (int lane = 0; lane < W; ++lane) {
-        const int64_t k = static_cast<int64_t>(best_panel[r * W + lane]) * W + lane;
-        const float val = best_val[r * W + lane];
-        if (k < s.K && (val < v || (val == v && k < k_best))) {
-          v = val;
-          k_best = k;
-        }
-      }
-      s.index[(rb + r) * s.index_stride] = k_best == s.K ? 0 : k_best;
+      s.index[(rb + r) * s.index_stride] = S::argmin_lanes(best_val + r * W, best_panel + r * W, s.K);
     }
   }
 }
@@ -140,7 +130,7 @@ void search_rows_dispatch_d(const F32Search& s, int64_t row_begin, int64_t row_e
     return search_rows<S, MR, NR, d>(s, row_begin, row_end);
     VQEXT_D_CASE(1) VQEXT_D_CASE(2) VQEXT_D_CASE(3) VQEXT_D_CASE(4) VQEXT_D_CASE(5) VQEXT_D_CASE(6)
     VQEXT_D_CASE(7) VQEXT_D_CASE(8) VQEXT_D_CASE(9) VQEXT_D_CASE(10) VQEXT_D_CASE(11) VQEXT_D_CASE(12)
-    VQEXT_D_CASE(13) VQEXT_D_CASE(14) VQEXT_D_CASE(15) VQEXT_D_CASE(16) VQEXT_D_CASE(32) VQEXT_D_CASE(64)
+    VQEXT_D_CASE(13) VQEXT_D_CASE(14) VQEXT_D_CASE(15) VQEXT_D_CASE(16)
 #undef VQEXT_D_CASE
     default:
       return search_rows<S, MR, NR, 0>(s, row_begin, row_end);
