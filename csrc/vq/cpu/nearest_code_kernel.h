@@ -20,7 +20,7 @@ namespace vq {
 namespace {
 
 constexpr int kRowBlock = 96;                  // multiple of every MR used
-constexpr int64_t kCodeBlockBytes = 16 * 1024;  // packed codebook bytes per code block (L1 share)
+constexpr int64_t kCodeBlockBytes = 24 * 1024;  // packed codebook bytes per code block (L1 share)
 
 template <class S, int MR, int NR, int DC>
 inline void micro_tile(const float* const* xr, const float* packed, const float* bias, int64_t p_begin,
