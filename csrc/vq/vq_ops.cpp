@@ -4,8 +4,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
+#include <functional>
 #include <limits>
+#include <memory>
+#include <thread>
 #include <tuple>
 
 #include "../common/cpu_features.h"
@@ -17,6 +21,38 @@ namespace vq {
 namespace {
 
 constexpr int64_t kRowsPerTask = 256;
+
+// Runs task(0..tasks-1) on the calling thread plus up to threads-1 helpers from torch's inter-op
+// pool, which claim tasks from a shared counter. Unlike an OpenMP fork/join, the caller never
+// waits for a helper to *arrive*: on a busy machine (this one is shared) a helper that is
+// scheduled late finds no work left and the caller has already returned. The caller waits only
+// for tasks a helper has actually claimed.
+void run_claimed_tasks(int64_t tasks, int threads, const std::function<void(int64_t)>& task) {
+  if (threads <= 1 || tasks <= 1 || at::in_parallel_region()) {
+    for (int64_t t = 0; t < tasks; ++t) task(t);
+    return;
+  }
+  struct Shared {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    int64_t tasks = 0;
+    const std::function<void(int64_t)>* task = nullptr;
+  };
+  auto shared = std::make_shared<Shared>();
+  shared->tasks = tasks;
+  shared->task = &task;
+  const auto work = [](Shared& sh) {
+    for (;;) {
+      const int64_t t = sh.next.fetch_add(1);
+      if (t >= sh.tasks) return;
+      (*sh.task)(t);  // safe: the caller cannot return before this task is counted done
+      sh.done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int i = 1; i < threads; ++i) at::launch([shared, work] { work(*shared); });
+  work(*shared);
+  while (shared->done.load(std::memory_order_acquire) < tasks) std::this_thread::yield();
+}
 
 // Exact score at the chosen code: the expanded form used for the search loses digits to
 // cancellation, and recomputing costs O(D) per row against O(K D) for the search.
@@ -50,7 +86,8 @@ void search_f32(const at::Tensor& xs, const at::Tensor& cb, const NearestCodeSha
   const float* c = cb.data_ptr<float>();
   float* pk = packed.data_ptr<float>();
   float* bs = bias.data_ptr<float>();
-  at::parallel_for(0, H * panels, 16, [&](int64_t b, int64_t e) {
+  // Packing is O(K D): a fork/join costs more than it saves unless the codebook is large.
+  at::parallel_for(0, H * panels, H * panels * D * W < (int64_t(1) << 21) ? H * panels : 16, [&](int64_t b, int64_t e) {
     for (int64_t hp = b; hp < e; ++hp) {
       const int64_t h = hp / panels, p = hp % panels;
       for (int64_t lane = 0; lane < W; ++lane) {
@@ -76,19 +113,22 @@ void search_f32(const at::Tensor& xs, const at::Tensor& cb, const NearestCodeSha
   int64_t* idx = index.data_ptr<int64_t>();
   float* sc = score.data_ptr<float>();
   const int64_t blocks = (sh.N + kRowsPerTask - 1) / kRowsPerTask;
-  at::parallel_for(0, H * blocks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t h = t / blocks;
-      const int64_t r0 = (t % blocks) * kRowsPerTask;
-      const int64_t r1 = std::min(sh.N, r0 + kRowsPerTask);
-      F32Search s{x + h * D, H * D, pk + h * panels * D * W, bs + h * panels * W, panels, K, D, idx + h, H};
-      kernel(s, r0, r1);
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t k = idx[r * H + h];
-        sc[r * H + h] = exact_score(x + (r * H + h) * D, c + (h * K + k) * D, D, sh.l2);
-      }
+  const int64_t tasks = H * blocks;
+  // Small problems stay on the calling thread, where waking a helper costs more than it saves.
+  const bool small = sh.N * K * D * H < (int64_t(1) << 22);
+  const int threads = small ? 1 : static_cast<int>(std::min<int64_t>(at::get_num_threads(), tasks));
+  const std::function<void(int64_t)> run_task = [&](int64_t t) {
+    const int64_t h = t / blocks;
+    const int64_t r0 = (t % blocks) * kRowsPerTask;
+    const int64_t r1 = std::min(sh.N, r0 + kRowsPerTask);
+    F32Search s{x + h * D, H * D, pk + h * panels * D * W, bs + h * panels * W, panels, K, D, idx + h, H};
+    kernel(s, r0, r1);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t k = idx[r * H + h];
+      sc[r * H + h] = exact_score(x + (r * H + h) * D, c + (h * K + k) * D, D, sh.l2);
     }
-  });
+  };
+  run_claimed_tasks(tasks, threads, run_task);
 }
 
 // float64: a plainly blocked scalar loop (the compiler vectorises the dot product); same
@@ -105,10 +145,10 @@ void search_f64(const at::Tensor& xs, const at::Tensor& cb, const NearestCodeSha
   double* sc = score.data_ptr<double>();
   const double scale = sh.l2 ? -2.0 : -1.0;
   const int64_t blocks = (sh.N + kRowBlock - 1) / kRowBlock;
-  at::parallel_for(0, H * blocks, 1, [&](int64_t b, int64_t e) {
+  const std::function<void(int64_t)> run_task = [&](int64_t t) {
     double best[kRowBlock];
     int64_t best_k[kRowBlock];
-    for (int64_t t = b; t < e; ++t) {
+    {
       const int64_t h = t / blocks;
       const int64_t r0 = (t % blocks) * kRowBlock;
       const int64_t r1 = std::min(sh.N, r0 + kRowBlock);
@@ -142,7 +182,8 @@ void search_f64(const at::Tensor& xs, const at::Tensor& cb, const NearestCodeSha
         sc[r * H + h] = exact_score(x + (r * H + h) * D, c + (h * K + k) * D, D, sh.l2);
       }
     }
-  });
+  };
+  run_claimed_tasks(H * blocks, static_cast<int>(std::min<int64_t>(at::get_num_threads(), H * blocks)), run_task);
 }
 
 std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x, const at::Tensor& codebook,
