@@ -1,1 +1,4 @@
 """Layers built on vqext's ops."""
+from .quantizer import QuantizerOutput, VectorQuantizer
+
+__all__ = ["VectorQuantizer", "QuantizerOutput"]
