@@ -262,11 +262,22 @@ inline A exp_row(A* s, int limit, A ref) {
   return total;
 }
 
-template <typename A>
+template <typename A, int BK>
 inline A row_max(const A* s, int limit) {
-  A mx = -std::numeric_limits<A>::infinity();
-  for (int j = 0; j < limit; ++j) mx = s[j] > mx ? s[j] : mx;
-  return mx;
+  using V = typename Vec<A>::type;
+  constexpr int W = Vec<A>::W;
+  const A ninf = -std::numeric_limits<A>::infinity();
+  V mx = V{} + ninf;
+  for (int j = 0; j < BK; j += W) {
+    V x = vload<V>(s + j);
+    typename Vec<A>::itype idx;
+    for (int l = 0; l < W; ++l) idx[l] = j + l;
+    x = idx < limit ? x : V{} + ninf;
+    mx = x > mx ? x : mx;
+  }
+  A out = ninf;
+  for (int l = 0; l < W; ++l) out = mx[l] > out ? mx[l] : out;
+  return out;
 }
 
 // Number of keys of block [kb, kb + nk) that query row i (absolute position qp) sees.
@@ -279,38 +290,43 @@ inline int visible_keys(const Problem& pr, int64_t qp, int64_t kp_block, int nk)
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // ---------------------------------------------------------------------------------------------
-// Forward
+// Forward. A task is a chunk of QC queries of one (batch, head): each key/value tile is loaded
+// (and rotated) once per chunk and reused by its BQ-row sub-tiles.
+constexpr int kChunkQueries = 128;
+
 template <typename T, typename A, int DP>
 void forward_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* out, A* lse, const RopeTable<A>& tab) {
-  constexpr int BQ = kTileQueries, BK = tile_keys<A>();
+  constexpr int QC = kChunkQueries, BQ = kTileQueries, BK = tile_keys<A>();
   const int64_t d = pr.d, dp = DP > 0 ? DP : round_up(d, Vec<A>::W);
-  const int64_t nqb = (pr.Tq + BQ - 1) / BQ;
+  const int64_t nqc = (pr.Tq + QC - 1) / QC;
   const A scale = static_cast<A>(pr.scale);
-  at::parallel_for(0, pr.B * pr.Hq * nqb, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<A> Qs(BQ * dp), KT(dp * BK), Vt(BK * dp), S(BQ * BK), O(BQ * dp), m(BQ), l(BQ);
+  const A ninf = -std::numeric_limits<A>::infinity();
+  at::parallel_for(0, pr.B * pr.Hq * nqc, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<A> Qs(QC * dp), KT(dp * BK), Vt(BK * dp), S(BQ * BK), O(QC * dp), m(QC), l(QC);
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t qb = task % nqb, h = (task / nqb) % pr.Hq, b = task / (nqb * pr.Hq);
+      const int64_t qc = task % nqc, h = (task / nqc) % pr.Hq, b = task / (nqc * pr.Hq);
       const int64_t bk = pr.Bk == 1 ? 0 : b, hk = h / pr.group;
-      const int64_t i0 = qb * BQ;
-      const int nq = static_cast<int>(std::min<int64_t>(BQ, pr.Tq - i0));
+      const int64_t i0 = qc * QC;
+      const int nrows = static_cast<int>(std::min<int64_t>(QC, pr.Tq - i0));
+      const int nrows4 = static_cast<int>(round_up(nrows, 4));
       const T* qbase = q + ((b * pr.Hq + h) * pr.Tq + i0) * d;
       const T* kbase = k + (bk * pr.Hk + hk) * pr.Tk * d;
       const T* vbase = v + (bk * pr.Hk + hk) * pr.Tk * d;
       const int64_t qp0 = pr.qpos[b] + i0, kp0 = pr.kpos[b];
-      for (int r = 0; r < BQ; ++r) {
-        if (r < nq) {
+      for (int r = 0; r < nrows4; ++r) {
+        if (r < nrows) {
           const int64_t row = pr.rope_q ? tab.q_row[b] + i0 + r : 0;
           rotate_row<T, A>(qbase + r * d, Qs.data() + r * dp, d, dp, scale, pr.rope_q ? tab.cos_row(row) : nullptr,
                            pr.rope_q ? tab.sin_row(row) : nullptr, A(1));
         } else {
           std::fill(Qs.begin() + r * dp, Qs.begin() + (r + 1) * dp, A(0));
         }
-        m[r] = -std::numeric_limits<A>::infinity();
+        m[r] = ninf;
         l[r] = 0;
       }
-      std::fill(O.begin(), O.end(), A(0));
+      std::fill(O.begin(), O.begin() + nrows4 * dp, A(0));
       int64_t kend = pr.Tk;
-      if (pr.causal) kend = std::max<int64_t>(0, std::min<int64_t>(pr.Tk, qp0 + nq - kp0));
+      if (pr.causal) kend = std::max<int64_t>(0, std::min<int64_t>(pr.Tk, qp0 + nrows - kp0));
       for (int64_t kb = 0; kb < kend; kb += BK) {
         const int nk = static_cast<int>(std::min<int64_t>(BK, kend - kb));
         for (int j = 0; j < BK; ++j) {
@@ -324,25 +340,32 @@ void forward_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* ou
             std::fill(Vt.begin() + j * dp, Vt.begin() + (j + 1) * dp, A(0));
           }
         }
-        gemm_auto<A, DP>(BQ, BK, static_cast<int>(dp), Qs.data(), dp, 1, KT.data(), BK, S.data(), BK, false);
-        for (int r = 0; r < BQ; ++r) {
-          A* srow = S.data() + r * BK;
-          const int lim = r < nq ? visible_keys(pr, qp0 + r, kp0 + kb, nk) : 0;
-          if (lim <= 0) {
-            std::fill(srow, srow + BK, A(0));
-            continue;
+        for (int s0 = 0; s0 < nrows; s0 += BQ) {
+          const int nq = std::min(BQ, nrows - s0);
+          if (pr.causal && qp0 + s0 + nq - 1 < kp0 + kb) continue;  // no row of this sub-tile sees the block
+          const int mq = static_cast<int>(round_up(nq, 4));
+          gemm_auto<A, DP>(mq, BK, static_cast<int>(dp), Qs.data() + s0 * dp, dp, 1, KT.data(), BK, S.data(), BK,
+                           false);
+          for (int r = 0; r < mq; ++r) {
+            A* srow = S.data() + r * BK;
+            const int lim = r < nq ? visible_keys(pr, qp0 + s0 + r, kp0 + kb, nk) : 0;
+            if (lim <= 0) {
+              std::fill(srow, srow + BK, A(0));
+              continue;
+            }
+            const int rr = s0 + r;
+            const A mnew = std::max(m[rr], row_max<A, BK>(srow, lim));
+            const A corr = m[rr] == ninf ? A(0) : exp_scalar(m[rr] - mnew);
+            const A sum = exp_row<A, BK>(srow, lim, mnew);
+            l[rr] = l[rr] * corr + sum;
+            m[rr] = mnew;
+            if (corr != A(1))
+              for (int64_t c = 0; c < dp; ++c) O[rr * dp + c] *= corr;
           }
-          const A mnew = std::max(m[r], row_max(srow, lim));
-          const A corr = m[r] == -std::numeric_limits<A>::infinity() ? A(0) : exp_scalar(m[r] - mnew);
-          const A sum = exp_row<A, BK>(srow, lim, mnew);
-          l[r] = l[r] * corr + sum;
-          m[r] = mnew;
-          if (corr != A(1))
-            for (int64_t c = 0; c < dp; ++c) O[r * dp + c] *= corr;
+          gemm_auto<A, 0>(mq, static_cast<int>(dp), nk, S.data(), BK, 1, Vt.data(), dp, O.data() + s0 * dp, dp, true);
         }
-        gemm_auto<A, 0>(BQ, static_cast<int>(dp), nk, S.data(), BK, 1, Vt.data(), dp, O.data(), dp, true);
       }
-      for (int r = 0; r < nq; ++r) {
+      for (int r = 0; r < nrows; ++r) {
         T* orow = out + ((b * pr.Hq + h) * pr.Tq + i0 + r) * d;
         A* lrow = lse + (b * pr.Hq + h) * pr.Tq + i0 + r;
         if (l[r] > 0) {
@@ -351,7 +374,7 @@ void forward_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* ou
           *lrow = m[r] + std::log(l[r]);
         } else {
           for (int64_t c = 0; c < d; ++c) orow[c] = static_cast<T>(0);
-          *lrow = -std::numeric_limits<A>::infinity();
+          *lrow = ninf;
         }
       }
     }
@@ -359,28 +382,29 @@ void forward_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* ou
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward pass 1: dq for a tile of queries, looping over key blocks.
+// Backward pass 1: dq for a chunk of queries, looping over key blocks (shared by its sub-tiles).
 template <typename T, typename A, int DP>
 void backward_dq_kernel(const Problem& pr, const T* gout, const T* q, const T* k, const T* v, const A* lse,
                         const A* Drow, T* dq, const RopeTable<A>& tab) {
-  constexpr int BQ = kTileQueries, BK = tile_keys<A>();
+  constexpr int QC = kChunkQueries, BQ = kTileQueries, BK = tile_keys<A>();
   const int64_t d = pr.d, dp = DP > 0 ? DP : round_up(d, Vec<A>::W);
-  const int64_t nqb = (pr.Tq + BQ - 1) / BQ;
+  const int64_t nqc = (pr.Tq + QC - 1) / QC;
   const A scale = static_cast<A>(pr.scale);
-  at::parallel_for(0, pr.B * pr.Hq * nqb, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<A> Qs(BQ * dp), dO(BQ * dp), KT(dp * BK), Kr(BK * dp), VT(dp * BK), S(BQ * BK), dP(BQ * BK),
-        dQ(BQ * dp), L(BQ), Dv(BQ);
+  at::parallel_for(0, pr.B * pr.Hq * nqc, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<A> Qs(QC * dp), dO(QC * dp), KT(dp * BK), Kr(BK * dp), VT(dp * BK), S(BQ * BK), dP(BQ * BK),
+        dQ(QC * dp), L(QC), Dv(QC);
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t qb = task % nqb, h = (task / nqb) % pr.Hq, b = task / (nqb * pr.Hq);
+      const int64_t qc = task % nqc, h = (task / nqc) % pr.Hq, b = task / (nqc * pr.Hq);
       const int64_t bk = pr.Bk == 1 ? 0 : b, hk = h / pr.group;
-      const int64_t i0 = qb * BQ;
-      const int nq = static_cast<int>(std::min<int64_t>(BQ, pr.Tq - i0));
+      const int64_t i0 = qc * QC;
+      const int nrows = static_cast<int>(std::min<int64_t>(QC, pr.Tq - i0));
+      const int nrows4 = static_cast<int>(round_up(nrows, 4));
       const int64_t rowbase = (b * pr.Hq + h) * pr.Tq + i0;
       const T* kbase = k + (bk * pr.Hk + hk) * pr.Tk * d;
       const T* vbase = v + (bk * pr.Hk + hk) * pr.Tk * d;
       const int64_t qp0 = pr.qpos[b] + i0, kp0 = pr.kpos[b];
-      for (int r = 0; r < BQ; ++r) {
-        if (r < nq) {
+      for (int r = 0; r < nrows4; ++r) {
+        if (r < nrows) {
           const int64_t row = pr.rope_q ? tab.q_row[b] + i0 + r : 0;
           rotate_row<T, A>(q + (rowbase + r) * d, Qs.data() + r * dp, d, dp, scale,
                            pr.rope_q ? tab.cos_row(row) : nullptr, pr.rope_q ? tab.sin_row(row) : nullptr, A(1));
@@ -394,9 +418,9 @@ void backward_dq_kernel(const Problem& pr, const T* gout, const T* q, const T* k
           Dv[r] = 0;
         }
       }
-      std::fill(dQ.begin(), dQ.end(), A(0));
+      std::fill(dQ.begin(), dQ.begin() + nrows4 * dp, A(0));
       int64_t kend = pr.Tk;
-      if (pr.causal) kend = std::max<int64_t>(0, std::min<int64_t>(pr.Tk, qp0 + nq - kp0));
+      if (pr.causal) kend = std::max<int64_t>(0, std::min<int64_t>(pr.Tk, qp0 + nrows - kp0));
       for (int64_t kb = 0; kb < kend; kb += BK) {
         const int nk = static_cast<int>(std::min<int64_t>(BK, kend - kb));
         for (int j = 0; j < BK; ++j) {
@@ -412,22 +436,31 @@ void backward_dq_kernel(const Problem& pr, const T* gout, const T* q, const T* k
             std::fill(Kr.begin() + j * dp, Kr.begin() + (j + 1) * dp, A(0));
           }
         }
-        gemm_auto<A, DP>(BQ, BK, static_cast<int>(dp), Qs.data(), dp, 1, KT.data(), BK, S.data(), BK, false);
-        gemm_auto<A, DP>(BQ, BK, static_cast<int>(dp), dO.data(), dp, 1, VT.data(), BK, dP.data(), BK, false);
-        for (int r = 0; r < BQ; ++r) {
-          A* srow = S.data() + r * BK;
-          const int lim = r < nq ? visible_keys(pr, qp0 + r, kp0 + kb, nk) : 0;
-          if (lim <= 0) {
-            std::fill(srow, srow + BK, A(0));
-            continue;
+        for (int s0 = 0; s0 < nrows; s0 += BQ) {
+          const int nq = std::min(BQ, nrows - s0);
+          if (pr.causal && qp0 + s0 + nq - 1 < kp0 + kb) continue;
+          const int mq = static_cast<int>(round_up(nq, 4));
+          gemm_auto<A, DP>(mq, BK, static_cast<int>(dp), Qs.data() + s0 * dp, dp, 1, KT.data(), BK, S.data(), BK,
+                           false);
+          gemm_auto<A, DP>(mq, BK, static_cast<int>(dp), dO.data() + s0 * dp, dp, 1, VT.data(), BK, dP.data(), BK,
+                           false);
+          for (int r = 0; r < mq; ++r) {
+            A* srow = S.data() + r * BK;
+            const int lim = r < nq ? visible_keys(pr, qp0 + s0 + r, kp0 + kb, nk) : 0;
+            if (lim <= 0) {
+              std::fill(srow, srow + BK, A(0));
+              continue;
+            }
+            exp_row<A, BK>(srow, lim, L[s0 + r]);
+            const A* dprow = dP.data() + r * BK;
+            const A Di = Dv[s0 + r];
+            for (int j = 0; j < BK; ++j) srow[j] = srow[j] * (dprow[j] - Di);
           }
-          exp_row<A, BK>(srow, lim, L[r]);
-          const A* dprow = dP.data() + r * BK;
-          for (int j = 0; j < BK; ++j) srow[j] = srow[j] * (dprow[j] - Dv[r]);
+          gemm_auto<A, 0>(mq, static_cast<int>(dp), nk, S.data(), BK, 1, Kr.data(), dp, dQ.data() + s0 * dp, dp,
+                          true);
         }
-        gemm_auto<A, 0>(BQ, static_cast<int>(dp), nk, S.data(), BK, 1, Kr.data(), dp, dQ.data(), dp, true);
       }
-      for (int r = 0; r < nq; ++r) {
+      for (int r = 0; r < nrows; ++r) {
         const int64_t row = pr.rope_q ? tab.q_row[b] + i0 + r : 0;
         A tmp[128];
         rotate_row<A, A>(dQ.data() + r * dp, tmp, d, d, scale, pr.rope_q ? tab.cos_row(row) : nullptr,
@@ -492,7 +525,7 @@ void backward_dkv_kernel(const Problem& pr, const T* gout, const T* q, const T* 
             const int nq = static_cast<int>(std::min<int64_t>(BQ, pr.Tq - i0));
             const int64_t rowbase = (b * pr.Hq + h) * pr.Tq + i0;
             const int64_t qp0 = pr.qpos[b] + i0;
-            for (int r = 0; r < BQ; ++r) {
+            for (int r = 0; r < static_cast<int>(round_up(nq, 4)); ++r) {
               if (r < nq) {
                 const int64_t row = pr.rope_q ? tab.q_row[b] + i0 + r : 0;
                 rotate_row<T, A>(q + (rowbase + r) * d, Qs.data() + r * dp, d, dp, scale,
@@ -506,9 +539,10 @@ void backward_dkv_kernel(const Problem& pr, const T* gout, const T* q, const T* 
                 std::fill(dO.begin() + r * dp, dO.begin() + (r + 1) * dp, A(0));
               }
             }
-            gemm_auto<A, DP>(BQ, BK, static_cast<int>(dp), Qs.data(), dp, 1, KT.data(), BK, S.data(), BK, false);
-            gemm_auto<A, DP>(BQ, BK, static_cast<int>(dp), dO.data(), dp, 1, VT.data(), BK, dP.data(), BK, false);
-            for (int r = 0; r < BQ; ++r) {
+            const int mq = static_cast<int>(round_up(nq, 4));
+            gemm_auto<A, DP>(mq, BK, static_cast<int>(dp), Qs.data(), dp, 1, KT.data(), BK, S.data(), BK, false);
+            gemm_auto<A, DP>(mq, BK, static_cast<int>(dp), dO.data(), dp, 1, VT.data(), BK, dP.data(), BK, false);
+            for (int r = 0; r < mq; ++r) {
               A* srow = S.data() + r * BK;
               A* dprow = dP.data() + r * BK;
               const int lim = r < nq ? visible_keys(pr, qp0 + r, kp, nk) : 0;
