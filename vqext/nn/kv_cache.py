@@ -40,15 +40,17 @@ class KVCache:
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Add ``k``, ``v`` ``(B, Hk, n, d)`` at positions ``pos .. pos + n - 1`` to ``layer``.
 
-        Returns ``(keys, values, k_offset)``: everything the new queries may attend to (cached
-        keys first, then the new ones) and the absolute position of ``keys[..., 0, :]``. The
-        stored copy is then trimmed to the window; the returned one is not, so every query of a
-        multi-step chunk still sees its own causal past.
+        Returns ``(keys, values, k_offset)``: what the new queries may attend to (cached keys
+        first, then the new ones) and the absolute position of ``keys[..., 0, :]``. With a window
+        the first new query sees the ``max_len`` positions up to itself; later queries of a
+        multi-step chunk see back to that same start (feed one step at a time for an exact
+        window per step). The stored copy keeps the newest ``max_len`` keys.
         """
         if not 0 <= layer < self.num_layers:
             raise IndexError(f"layer {layer} out of range for a cache of {self.num_layers} layers")
         if k.dim() != 4 or k.shape != v.shape:
             raise ValueError(f"k and v must both be (B, Hk, n, d), got {tuple(k.shape)} and {tuple(v.shape)}")
+        new = k.shape[-2]
         old_k, old_v = self.keys[layer], self.values[layer]
         if old_k is not None:
             if old_k.shape[:2] != k.shape[:2] or old_k.shape[-1] != k.shape[-1]:
@@ -56,10 +58,15 @@ class KVCache:
                                  f"{tuple(old_k.shape)} in batch, heads or head size")
             k = torch.cat((old_k, k), dim=-2)
             v = torch.cat((old_v, v), dim=-2)
-        k_offset = self.pos - (0 if old_k is None else old_k.shape[-2])
-        keep = k.shape[-2] if self.max_len is None else min(self.max_len, k.shape[-2])
-        self.keys[layer] = k[..., k.shape[-2] - keep:, :]
-        self.values[layer] = v[..., v.shape[-2] - keep:, :]
+        total = k.shape[-2]
+        if self.max_len is not None:
+            self.keys[layer] = k[..., max(0, total - self.max_len):, :]
+            self.values[layer] = v[..., max(0, total - self.max_len):, :]
+            visible = min(total, self.max_len - 1 + new)
+            k, v = k[..., total - visible:, :], v[..., total - visible:, :]
+        else:
+            self.keys[layer], self.values[layer] = k, v
+        k_offset = self.pos + new - k.shape[-2]
         return k, v, k_offset
 
     def advance(self, n: int = 1) -> None:
