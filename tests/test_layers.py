@@ -173,3 +173,17 @@ def test_kv_cache_rejects_bad_arguments():
         cache.append(0, torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 4))
     with pytest.raises(IndexError, match="layer 1 out of range"):
         cache.append(1, torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
+
+
+def test_cache_with_per_batch_start_positions():
+    layer = CausalSelfAttention(16, 2, rope=True)
+    x = torch.randn(2, 10, 16)
+    starts = torch.tensor([0, 7])
+    full = layer(x, start_pos=starts)
+    cache = KVCache(1, start_pos=starts)
+    steps = []
+    for t in range(10):
+        steps.append(layer(x[:, t:t + 1], cache=cache))
+        cache.advance(1)
+    assert torch.equal(cache.pos, starts + 10)
+    assert rel_err(torch.cat(steps, 1), full) <= 1e-5

@@ -121,7 +121,7 @@ def list_cmd(pattern, as_json):
     for key in ("architectures", "positional_encodings"):
         data[key] = [e for e in data[key] if fnmatch.fnmatchcase(e["name"], pattern)]
     if as_json:
-        click.echo(json.dumps(data, indent=2))
+        click.echo(json.dumps(data, indent=2, default=repr))  # plugin defaults may hold odd types
         return
 
     def source(e):

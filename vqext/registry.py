@@ -57,6 +57,7 @@ class Entry:
     shadowed: list[str] = field(default_factory=list)  # conflicting providers that lost
     obj: Any = None
     error: str | None = None
+    traceback: str | None = None  # of the load error, for --debug style reporting
     loaded: bool = False
 
     def load(self):
