@@ -1,4 +1,5 @@
 """Built-in architectures × encodings: build, forward/backward, the seed's numbers, cached decoding."""
+import collections
 import importlib
 import math
 import sys
@@ -32,23 +33,24 @@ def rel_err(a, b):
 
 
 class _StandInVectorQuantizer(torch.nn.Module):
-    """Hard VQ with a straight-through gradient, standing in until vqext.nn.quantizer lands;
-    it follows the interface the models code against (see vqext/models/_common.py)."""
+    """Hard VQ with a straight-through gradient, standing in when vqext.nn.quantizer is absent;
+    it has the interface of the real one (see vqext/models/_common.py)."""
 
     def __init__(self, num_codes, dim, heads=1, commitment_weight=0.25):
         super().__init__()
         self.heads, self.beta = heads, commitment_weight
-        self.codebook = torch.nn.Parameter(torch.randn(heads, num_codes, dim))
+        self.codebook = torch.nn.Parameter(torch.randn(heads, num_codes, dim // heads))
 
     def forward(self, x):
-        xs = x if self.heads > 1 else x.unsqueeze(-2)
+        xs = x.reshape(*x.shape[:-1], self.heads, -1)
         idx = vqext.ops.nearest_code(xs, self.codebook, metric="l2")[0]  # (..., H)
         q = torch.stack([self.codebook[h][idx[..., h]] for h in range(self.heads)], dim=-2)
         loss = ((q - xs.detach()) ** 2).mean() + self.beta * ((xs - q.detach()) ** 2).mean()
-        q = xs + (q - xs).detach()
-        if self.heads == 1:
-            q, idx = q.squeeze(-2), idx.squeeze(-1)
-        return q, idx, {"loss": loss}
+        q = (xs + (q - xs).detach()).reshape(x.shape)
+        return _Result(q, idx.squeeze(-1) if self.heads == 1 else idx, loss)
+
+
+_Result = collections.namedtuple("_Result", "quantized indices loss")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -227,3 +229,14 @@ def test_checkpoint_roundtrip_through_the_resolved_config():
     x = torch.randn(1, 12, 1)
     torch.testing.assert_close(rebuilt(x), model(x))
     assert registry.get_arch(cfg["arch"]).supports_cache
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hard_quantizer_codebook_freezes_and_reports_codes(arch):
+    frozen = vqext.create_model(arch, "none", **small(arch, quantizer="hard", freeze_codebook=True))
+    assert not any("codebook" in n for n, p in frozen.named_parameters() if p.requires_grad)
+    learned = vqext.create_model(arch, "none", **small(arch, quantizer="hard", freeze_codebook=False))
+    assert any("codebook" in n for n, p in learned.named_parameters() if p.requires_grad)
+    if arch != "vqformer":
+        idx = learned.code_indices(torch.randn(2, 12, 1))
+        assert idx.shape == (2, 12, 1 if arch == "vqlnmlp" else 2)

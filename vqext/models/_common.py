@@ -72,9 +72,10 @@ class Quantize(nn.Module):
 
     ``forward(h) -> (quantized, aux_loss)``; ``aux_loss`` is the hard quantiser's codebook and
     commitment loss (a zero scalar for soft). The hard path is the only place vqext's models touch
-    ``vqext.nn.VectorQuantizer``: it is built as ``VectorQuantizer(num_codes, head_size,
-    heads=H, commitment_weight=...)`` and called on ``(..., H, head_size)`` (``(..., head_size)``
-    for one head), returning ``(quantized, indices, info)`` with a scalar ``info["loss"]``.
+    ``vqext.nn.VectorQuantizer``: built as ``VectorQuantizer(num_codes, d_model, heads=H,
+    commitment_weight=...)`` (one codebook per head of ``d_model / H``), called on
+    ``(B, T, d_model)``, and read as ``result[0]`` (quantized, straight-through), ``result[1]``
+    (indices) and ``result.loss`` (or ``result[2]["loss"]``).
     """
 
     def __init__(self, kind: str, num_codes: int, d_model: int, heads: int, scale: float | None,
@@ -82,7 +83,6 @@ class Quantize(nn.Module):
         super().__init__()
         self.kind = kind
         self.heads = heads
-        hd = d_model // heads
         if kind == "soft":
             self.codes = CodebookAttention(num_codes, d_model, heads=heads,
                                            scale=d_model ** -0.5 if scale is None else scale, freeze=freeze)
@@ -91,27 +91,27 @@ class Quantize(nn.Module):
                 from ..nn.quantizer import VectorQuantizer
             except ImportError as exc:  # pragma: no cover - only before the hard quantiser lands
                 raise ConfigError(f"quantizer='hard' needs vqext.nn.VectorQuantizer, which failed to import: {exc}")
-            self.codes = VectorQuantizer(num_codes, hd, heads=heads, commitment_weight=commitment_weight)
+            self.codes = VectorQuantizer(num_codes, d_model, heads=heads, commitment_weight=commitment_weight)
             if freeze:
                 for p in self.codes.parameters():
                     p.requires_grad_(False)
 
+    def _hard(self, h: torch.Tensor):
+        B, H, T, hd = h.shape
+        result = self.codes(h.transpose(1, 2).reshape(B, T, H * hd))
+        loss = result.loss if hasattr(result, "loss") else result[2]["loss"]
+        return result[0].view(B, T, H, hd).transpose(1, 2), result[1], loss
+
     def forward(self, h: torch.Tensor):
         if self.kind == "soft":
             return self.codes(h), h.new_zeros(())
-        x = h.transpose(1, 2)  # (B, T, H, hd): heads next to the feature axis
-        if self.heads == 1:
-            x = x.squeeze(2)
-        quantized, _, info = self.codes(x)
-        if self.heads == 1:
-            quantized = quantized.unsqueeze(2)
-        return quantized.transpose(1, 2), info["loss"]
+        quantized, _, loss = self._hard(h)
+        return quantized, loss
 
     def codebook_usage_indices(self, h: torch.Tensor) -> torch.Tensor:
         """The code each position uses, ``(B, T, H)`` (argmax code for soft, the chosen code for hard)."""
         with torch.no_grad():
             if self.kind == "soft":
                 return self.codes(h, return_indices=True)[1]
-            x = h.transpose(1, 2)
-            idx = self.codes(x.squeeze(2) if self.heads == 1 else x)[1]
-            return idx.unsqueeze(-1) if self.heads == 1 else idx
+            indices = self._hard(h)[1]
+            return indices.unsqueeze(-1) if self.heads == 1 else indices
