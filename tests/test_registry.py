@@ -148,9 +148,10 @@ def test_conflicts_builtin_wins_then_first_distribution(tmp_path, monkeypatch):
 
 
 BROKEN = dict(archs={"broken": "vqext_no_such_module:Model", "notamodel": "json:dumps",
-                     "raises": "raisingmod:Model"},
+                     "raises": "raisingmod:Model", "exits": "exitingmod:Model"},
               pes={"brokenpe": "vqext_no_such_module:PE"},
-              modules={"raisingmod.py": "raise RuntimeError('plugin bug at import time')\n"})
+              modules={"raisingmod.py": "raise RuntimeError('plugin bug at import time')\n",
+                       "exitingmod.py": "import sys\nsys.exit(3)\n"})
 
 
 def test_broken_plugin_is_listed_with_its_error_and_the_rest_works(tmp_path, monkeypatch):
@@ -163,6 +164,7 @@ def test_broken_plugin_is_listed_with_its_error_and_the_rest_works(tmp_path, mon
     assert "not a subclass of vqext.models.base.ForecastModel" in errors["notamodel"]["error"]
     assert "plugin bug at import time" in errors["raises"]["error"]
     assert "ModuleNotFoundError" in errors["brokenpe"]["error"]
+    assert errors["exits"]["error"] == "SystemExit: 3"
     with pytest.raises(PluginError, match=r"architecture 'broken' from vqext-broken .* failed to load"):
         vqext.create_model("broken")
     # Everything else still works.
@@ -174,7 +176,7 @@ def test_broken_plugin_is_listed_with_its_error_and_the_rest_works(tmp_path, mon
     env = pythonpath_env(broken)
     data = json.loads(subprocess.run([sys.executable, "-m", "vqext", "list", "--json"], capture_output=True,
                                      text=True, check=True, env=env).stdout)
-    assert {e["name"] for e in data["errors"]} == {"broken", "notamodel", "raises", "brokenpe"}
+    assert {e["name"] for e in data["errors"]} == {"broken", "notamodel", "raises", "exits", "brokenpe"}
     assert {"vqlnmlp", "vqformer"} <= {e["name"] for e in data["architectures"] if not e["error"]}
     text = subprocess.run([sys.executable, "-m", "vqext", "list"], capture_output=True, text=True, check=True,
                           env=env).stdout

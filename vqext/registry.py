@@ -70,7 +70,7 @@ class Entry:
                     obj = getattr(obj, part)
                 self._check_kind(obj)
                 self.obj = obj
-            except Exception as exc:  # noqa: BLE001 - a broken plugin must never break the rest
+            except (Exception, SystemExit) as exc:  # noqa: BLE001 - a broken plugin never breaks the rest
                 self.error = f"{type(exc).__name__}: {exc}"
                 self.traceback = traceback.format_exc()
         if self.error:
