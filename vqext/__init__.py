@@ -10,8 +10,10 @@ from . import ops  # noqa: F401
 def __getattr__(name):
     # The registry is imported lazily so `import vqext` never imports plugins.
     if name in ("list_archs", "list_pes", "create_model", "registry"):
-        from . import registry
+        import importlib
 
+        # import_module, not `from . import registry`: that form calls this __getattr__ again.
+        registry = importlib.import_module(".registry", __name__)
         return registry if name == "registry" else getattr(registry, name)
     raise AttributeError(f"module 'vqext' has no attribute {name!r}")
 

@@ -98,5 +98,61 @@ def info(as_json):
         click.echo(f"{key:<{width}}  {value}")
 
 
+@main.command(name="list")
+@click.argument("pattern", default="*")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def list_cmd(pattern, as_json):
+    """Architectures and positional encodings, where they come from, and plugin errors.
+
+    PATTERN filters names with shell wildcards. Plugins are found through the entry-point groups
+    vqext.architectures and vqext.positional_encodings; VQEXT_DISABLE_PLUGINS=1 hides them.
+
+    \b
+    Examples:
+      vqext list
+      vqext list 'mh*'
+      vqext list --json
+    """
+    import fnmatch
+
+    from . import registry
+
+    data = registry.describe()
+    for key in ("architectures", "positional_encodings"):
+        data[key] = [e for e in data[key] if fnmatch.fnmatchcase(e["name"], pattern)]
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=repr))  # plugin defaults may hold odd types
+        return
+
+    def source(e):
+        return f"{e['package']} {e['version'] or ''}".strip()
+
+    def table(rows, header):
+        widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+        for row in [header] + rows:
+            click.echo("  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+    click.echo("Architectures:")
+    rows = [(e["name"], source(e), ", ".join(e.get("accepts", [])) or "-",
+             ("yes" if e.get("supports_cache") else "no") if not e["error"] else "-",
+             "LOAD ERROR" if e["error"] else "") for e in data["architectures"]]
+    table(rows, ("name", "package", "accepts", "kv-cache", "")) if rows else click.echo("  (none)")
+    click.echo("Positional encodings:")
+    rows = [(e["name"], source(e), e.get("mode", "-"),
+             ("any" if e.get("any_position") else "table") if not e["error"] else "-",
+             "LOAD ERROR" if e["error"] else "") for e in data["positional_encodings"]]
+    table(rows, ("name", "package", "mode", "positions", "")) if rows else click.echo("  (none)")
+    if data["errors"]:
+        click.echo("Plugin errors:")
+        for e in data["errors"]:
+            click.echo(f"  {e['kind']} {e['name']!r} from {source(e)} ({e['target']}): {e['error']}")
+    if data["conflicts"]:
+        click.echo("Name conflicts (vqext's built-ins win, then the distribution whose name sorts first):")
+        for c in data["conflicts"]:
+            click.echo(f"  {c['kind']} {c['name']!r}: using {c['used']}; ignored {', '.join(c['ignored'])}")
+    if data["plugins_disabled"]:
+        click.echo("Plugins are disabled (VQEXT_DISABLE_PLUGINS=1): only vqext's built-ins are listed.")
+
+
 if __name__ == "__main__":
     main()

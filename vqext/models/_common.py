@@ -1,0 +1,117 @@
+"""Validation and building blocks shared by the built-in architectures."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..nn.attention import CodebookAttention
+
+QUANTIZERS = ("soft", "hard")
+
+
+def check_common(arch: str, hp: dict) -> None:
+    """Types and ranges of the hyper-parameter names shared by the built-in architectures."""
+    for name in ("vocab_size", "d_model", "heads", "depth", "time_steps"):
+        if name in hp:
+            value = hp[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{arch}: {name} must be a positive integer, got {value!r}")
+    if "kv_heads" in hp and hp["kv_heads"] is not None:
+        kv = hp["kv_heads"]
+        if isinstance(kv, bool) or not isinstance(kv, int) or kv < 1:
+            raise ConfigError(f"{arch}: kv_heads must be None or a positive integer, got {kv!r}")
+        if hp["heads"] % kv:
+            raise ConfigError(f"{arch}: heads {hp['heads']} must be a multiple of kv_heads {kv}; "
+                              f"choose kv_heads among {divisors(hp['heads'])}")
+    if "quantizer" in hp and hp["quantizer"] not in QUANTIZERS:
+        raise ConfigError(f"{arch}: quantizer must be 'soft' (codebook attention) or 'hard' (VectorQuantizer), "
+                          f"got {hp['quantizer']!r}")
+    if "freeze_codebook" in hp and not isinstance(hp["freeze_codebook"], bool):
+        raise ConfigError(f"{arch}: freeze_codebook must be true or false, got {hp['freeze_codebook']!r}")
+    scale = hp.get("codebook_scale")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale) or scale <= 0):
+        raise ConfigError(f"{arch}: codebook_scale must be a positive number or None "
+                          f"(None = 1/sqrt(d_model), as the seed), got {scale!r}")
+    weight = hp.get("commitment_weight")
+    if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0):
+        raise ConfigError(f"{arch}: commitment_weight must be a number >= 0, got {weight!r}")
+
+
+def divisors(n: int) -> list[int]:
+    return [i for i in range(1, n + 1) if n % i == 0]
+
+
+def head_size(arch: str, d_model: int, heads: int) -> int:
+    if d_model % heads:
+        raise ConfigError(f"{arch}: d_model {d_model} is not divisible by heads {heads}; "
+                          f"choose heads among {divisors(d_model)} or change d_model")
+    return d_model // heads
+
+
+def check_pe_width(arch: str, pe: str, pe_cls, width: int, time_steps: int, what: str) -> None:
+    """Ask the encoding whether it works on ``width`` (``what`` says where that width comes from)."""
+    problem = pe_cls.check(width, time_steps)
+    if problem:
+        raise ConfigError(f"{arch}: {pe} needs {problem}: {what}; change d_model or heads so that it does")
+
+
+def check_input(model: nn.Module, x: torch.Tensor, name: str = "x") -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != 1:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{type(model).__name__}: {name} must be (B, T, 1), got {shape}")
+    if not x.is_floating_point():
+        raise ValueError(f"{type(model).__name__}: {name} must be a floating-point tensor, got {x.dtype}")
+
+
+class Quantize(nn.Module):
+    """Per-head quantisation of ``(B, H, T, head_size)``: soft (codebook attention) or hard.
+
+    ``forward(h) -> (quantized, aux_loss)``; ``aux_loss`` is the hard quantiser's codebook and
+    commitment loss (a zero scalar for soft). The hard path is the only place vqext's models touch
+    ``vqext.nn.VectorQuantizer``: built as ``VectorQuantizer(num_codes, d_model, heads=H,
+    commitment_weight=...)`` (one codebook per head of ``d_model / H``), called on
+    ``(B, T, d_model)``, and read as ``result[0]`` (quantized, straight-through), ``result[1]``
+    (indices) and ``result.loss`` (or ``result[2]["loss"]``).
+    """
+
+    def __init__(self, kind: str, num_codes: int, d_model: int, heads: int, scale: float | None,
+                 freeze: bool, commitment_weight: float = 0.25):
+        super().__init__()
+        self.kind = kind
+        self.heads = heads
+        if kind == "soft":
+            self.codes = CodebookAttention(num_codes, d_model, heads=heads,
+                                           scale=d_model ** -0.5 if scale is None else scale, freeze=freeze)
+        else:
+            try:
+                from ..nn.quantizer import VectorQuantizer
+            except ImportError as exc:  # pragma: no cover - only before the hard quantiser lands
+                raise ConfigError(f"quantizer='hard' needs vqext.nn.VectorQuantizer, which failed to import: {exc}")
+            self.codes = VectorQuantizer(num_codes, d_model, heads=heads, commitment_weight=commitment_weight)
+            if freeze:
+                for p in self.codes.parameters():
+                    p.requires_grad_(False)
+
+    def _hard(self, h: torch.Tensor):
+        B, H, T, hd = h.shape
+        result = self.codes(h.transpose(1, 2).reshape(B, T, H * hd))
+        loss = result.loss if hasattr(result, "loss") else result[2]["loss"]
+        return result[0].view(B, T, H, hd).transpose(1, 2), result[1], loss
+
+    def forward(self, h: torch.Tensor):
+        if self.kind == "soft":
+            return self.codes(h), h.new_zeros(())
+        quantized, _, loss = self._hard(h)
+        return quantized, loss
+
+    def codebook_usage_indices(self, h: torch.Tensor) -> torch.Tensor:
+        """The code each position uses, ``(B, T, H)`` (argmax code for soft, the chosen code for hard)."""
+        with torch.no_grad():
+            if self.kind == "soft":
+                return self.codes(h, return_indices=True)[1]
+            indices = self._hard(h)[1]
+            return indices.unsqueeze(-1) if self.heads == 1 else indices
