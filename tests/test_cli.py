@@ -91,7 +91,7 @@ def test_resume_continues_an_interrupted_run(tmp_path):
     part = str(tmp_path / "b")
     os.makedirs(part)
     train(cfg, part, quiet=True, stop_after_epoch=1)
-    r = invoke("run", "--arch", "ignored", "--resume", part, "--quiet")
+    r = invoke("run", "--resume", part, "--quiet")
     assert r.exit_code == 0, r.output
     assert json.load(open(os.path.join(part, "metrics.json")))["val_loss"] == \
         json.load(open(os.path.join(full, "metrics.json")))["val_loss"]

@@ -142,7 +142,7 @@ def _common_training_options(sweep: bool):
                      click.option("--seeds", default="0", show_default=True, help="comma-separated seeds."),
                      click.option("--freeze-codebook", default=None, help="comma-separated true/false.")]
         else:
-            opts += [click.option("--arch", required=True, help="architecture (see `vqext list`)."),
+            opts += [click.option("--arch", default=None, help="architecture (see `vqext list`); required unless --resume."),
                      click.option("--pe", default="none", show_default=True, help="positional encoding."),
                      click.option("--seed", type=int, default=0, show_default=True),
                      click.option("--freeze-codebook/--train-codebook", default=None,
@@ -222,19 +222,22 @@ def run(arch, pe, seed, freeze_codebook, resume_dir, quiet, out, cache, **kw):
       vqext run --arch mhvqlnmlp --pe rope
       vqext run --arch vqlnmlp --pe none --data ../shared/data/y+w.csv --epochs 50 --vocab-size 512
       vqext run --arch vqformer --pe rope --depth 2 --data synthetic:sine --epochs 5 --quiet
-      vqext run --arch vqlnmlp --resume runs/vqlnmlp_vs512_.../2024-12-23-00-05-16
+      vqext run --resume runs/vqlnmlp_vs512_.../2024-12-23-00-05-16
     """
     from .config import RunConfig, read_json
     from .train import run_experiment
 
     if resume_dir:
         cfg = RunConfig.from_dict(read_json(os.path.join(resume_dir, "config.json"), "run config"))
+    elif not arch:
+        raise click.UsageError("Missing option '--arch' (or give --resume DIR).")
     else:
         user = {k: kw[k] for k in _HPARAM_OPTIONS if kw.get(k) is not None}
         if freeze_codebook is not None:
             user["freeze_codebook"] = freeze_codebook
         cfg = _make_config(arch, pe, user, kw, seed)
-    metrics = run_experiment(cfg, out, quiet=quiet, resume_dir=resume_dir, cache="auto" if cache is None else cache)
+    metrics = run_experiment(cfg, out, quiet=quiet, resume_dir=resume_dir, cache="auto" if cache is None else cache,
+                             announce=lambda d: click.echo(f"run directory: {d}", err=True) if not quiet else None)
     click.echo(_summary_table([metrics]))
     fl = metrics["noise_floor"]
     click.echo(f"noise floor (variance around a {fl['window']}-point moving average): {fl['variance']:.6g}; "

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from . import config as C
-from .data import Dataset, load_series, prepare
+from .data import Dataset, check_length, load_series, prepare
 from .errors import DataError, VqextError
 
 CHECKPOINT_MAGIC = b"VQEXT-CKPT 1"
@@ -150,6 +150,8 @@ def train(cfg: C.RunConfig, run_dir: str, *, resume: bool = False, quiet: bool =
     history: list[dict] = []
     start_epoch = 0
     ckpt_path = os.path.join(run_dir, C.CHECKPOINT_FILE)
+    if resume and not os.path.exists(ckpt_path):
+        resume = False  # killed before the first epoch finished: start over in the same directory
     if resume:
         ckpt = load_checkpoint(ckpt_path)
         model.load_state_dict(ckpt["model"])
@@ -227,7 +229,7 @@ def is_finite_number(v) -> bool:
 
 # ------------------------------------------------------------------- a whole run: train + report
 def run_experiment(cfg: C.RunConfig, out_root: str = "runs", *, quiet: bool = False,
-                   resume_dir: str | None = None, cache: bool | str = "auto") -> dict:
+                   resume_dir: str | None = None, cache: bool | str = "auto", announce=None) -> dict:
     """Train, evaluate, forecast (one-step and regressive) and plot; returns the metrics dict.
 
     With ``resume_dir`` the run continues in that directory from its last checkpoint.
@@ -238,10 +240,13 @@ def run_experiment(cfg: C.RunConfig, out_root: str = "runs", *, quiet: bool = Fa
 
     cfg.validate()
     series = load_series(cfg.data, cfg.column)
+    check_length(len(series), cfg.time_steps, series.source)  # before a run directory exists
     if resume_dir:
         run_dir = resume_dir
     else:
         run_dir = C.new_run_dir(out_root, cfg.label(series.name))
+    if announce is not None:
+        announce(run_dir)
     result = train(cfg, run_dir, resume=bool(resume_dir), quiet=quiet)
     model, ds, history = result.model.cpu(), result.dataset, result.history
     fc = forecast_series(model, cfg.arch, cfg.pe, series.values, cfg.time_steps, positions=cfg.positions,
