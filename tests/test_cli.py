@@ -48,6 +48,7 @@ def test_run_trains_forecasts_and_summarises(tmp_path):
     (["run", "--arch", "vqlnmlp", "--data", "synthetic:sine", "--epochs", "0"], "--epochs must be at least 1"),
     (["sweep", "--archs", "vqlnmlp", "--shard", "3/2"], "--shard 3/2"),
     (["forecast", "--run", ".", "--data", "synthetic:sine"], "run config not found"),
+    (["sweep", "--archs", "vqlnmlp,mhvqlnmlp", "--depth", "2", "--data", "synthetic:sine"], "vqext: error: "),
 ])
 def test_errors_are_one_clear_line(args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -56,6 +57,15 @@ def test_errors_are_one_clear_line(args, message, tmp_path, monkeypatch):
     lines = [ln for ln in r.output.strip().splitlines() if ln]
     assert len(lines) == 1 and message in lines[0], r.output
     assert "Traceback" not in r.output
+    assert not os.path.exists(tmp_path / "runs") or not os.listdir(tmp_path / "runs")  # nothing trained
+
+
+def test_bad_option_values_are_usage_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for args in (["sweep", "--archs", "vqlnmlp", "--heads", "x"], ["run", "--arch", "vqlnmlp", "--heads", "x"]):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 2 and "Invalid value for --heads: 'x' is not a valid int" in r.output
+        assert "Traceback" not in r.output
 
 
 def _rows(csv_path):

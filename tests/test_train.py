@@ -54,6 +54,24 @@ def test_resume_equals_uninterrupted(tmp_path):
 def test_no_temporary_files_left(tmp_path):
     train(tiny_config(epochs=2), str(tmp_path), quiet=True)
     assert sorted(os.listdir(tmp_path)) == [C.CHECKPOINT_FILE, C.CONFIG_FILE, C.HISTORY_FILE]
+    # a writer killed mid-write leaves only its hidden temporary; resume cleans it up
+    (tmp_path / ".checkpoint.pt.abc123.tmp").write_bytes(b"half a checkpo")
+    train(tiny_config(epochs=3), str(tmp_path), quiet=True, resume=True)
+    assert sorted(os.listdir(tmp_path)) == [C.CHECKPOINT_FILE, C.CONFIG_FILE, C.HISTORY_FILE]
+
+
+def test_atomic_write_replaces_whole_files(tmp_path):
+    path = str(tmp_path / "f.json")
+    C.atomic_write_json(path, {"a": 1})
+    C.atomic_write_json(path, {"a": 2})
+    assert json.load(open(path)) == {"a": 2} and os.listdir(tmp_path) == ["f.json"]
+
+
+def test_resume_before_the_first_checkpoint_starts_over(tmp_path):
+    full = train(tiny_config(epochs=2), str(tmp_path / "a"), quiet=True)
+    os.makedirs(tmp_path / "b")
+    again = train(tiny_config(epochs=2), str(tmp_path / "b"), quiet=True, resume=True)
+    assert strip_time(again.history) == strip_time(full.history)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "header", "empty"])

@@ -24,7 +24,7 @@ def plot_forecast(values, prediction, start: int, path: str, *, title: str, labe
     fig, ax = plt.subplots(figsize=(11, 4.2), dpi=110)
     ax.plot(xs, values, color="#1f77b4", lw=1.1, label="truth")
     if context:
-        ax.axvspan(xs[0], xs[min(context, len(xs)) - 1], color="0.9", label=f"context ({context} points)")
+        ax.axvspan(xs[0], xs[min(context, len(xs)) - 1], color="0.9", label=f"first window ({context} points)")
     n = min(len(prediction), max(0, len(values) - start))
     px = xs[start:start + n] if n else []
     ax.plot(px, np.asarray(prediction)[:n], color="#d62728", lw=1.1, label=label)

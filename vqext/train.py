@@ -91,6 +91,16 @@ def _restore_rng(state: dict, shuffle: torch.Generator) -> None:
     shuffle.set_state(state["shuffle"])
 
 
+def remove_stale_temporaries(run_dir: str) -> None:
+    """Delete temporary files that a killed writer left behind (never the files they replace)."""
+    for name in os.listdir(run_dir):
+        if name.startswith(".") and name.endswith(".tmp"):
+            try:
+                os.unlink(os.path.join(run_dir, name))
+            except OSError:
+                pass
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -150,6 +160,8 @@ def train(cfg: C.RunConfig, run_dir: str, *, resume: bool = False, quiet: bool =
     history: list[dict] = []
     start_epoch = 0
     ckpt_path = os.path.join(run_dir, C.CHECKPOINT_FILE)
+    if resume:
+        remove_stale_temporaries(run_dir)
     if resume and not os.path.exists(ckpt_path):
         resume = False  # killed before the first epoch finished: start over in the same directory
     if resume:
