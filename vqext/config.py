@@ -117,12 +117,22 @@ class RunConfig:
             parts.append(f"nh{h['heads']}")
         if "depth" in h and h["depth"] != 1:
             parts.append(f"dp{h['depth']}")
+        defaults = _arch_defaults(self.arch)
         if h.get("quantizer", "soft") != "soft":
             parts.append(str(h["quantizer"]))
-        if h.get("freeze_codebook"):
-            parts.append("fz")
+        if "freeze_codebook" in h and bool(h["freeze_codebook"]) != bool(defaults.get("freeze_codebook", False)):
+            parts.append("fz" if h["freeze_codebook"] else "tcb")  # only when it differs from the arch's default
         parts += [data_label, f"ts{self.time_steps}", f"lr{self.lr:g}", f"s{self.seed}"]
         return "_".join(parts)
+
+
+def _arch_defaults(arch: str) -> dict:
+    try:
+        from .registry import get_arch
+
+        return dict(getattr(get_arch(arch), "defaults", {}) or {})
+    except Exception:  # noqa: BLE001 - naming must not fail on a plugin problem
+        return {}
 
 
 def resolve_device(device: str) -> str:
