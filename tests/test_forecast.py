@@ -72,3 +72,31 @@ def test_first_regressive_step_is_the_one_step_forecast():
 def test_error_metrics():
     m = error_metrics(np.array([1.0, 2.0, 3.0]), np.array([2.0, 2.0, 1.0, 9.0]))
     assert m == {"mse": 5 / 3, "mae": 1.0, "points": 3}
+
+
+real_registry = pytest.mark.skipif(
+    (__import__("vqext.registry").registry.__doc__ or "").startswith("LOCAL DEVELOPMENT STUB"),
+    reason="needs the real model registry")
+
+
+@real_registry
+def test_seed_model_with_rope_recomputes_in_window_positions():
+    model = tiny("mhvqlnmlp", "rope")
+    values = load_series("synthetic:sine:40").values
+    with pytest.warns(UserWarning, match="absolute positions"):
+        fc = forecast_series(model, "mhvqlnmlp", "rope", values, 12, cache=True)
+    assert not fc.metrics["cache"]
+    # with series positions the cache is exact, and used
+    fc = forecast_series(model, "mhvqlnmlp", "rope", values, 12, cache="auto", positions="series")
+    ref = forecast_series(model, "mhvqlnmlp", "rope", values, 12, cache=False, positions="series")
+    assert fc.metrics["cache"]
+    assert np.abs(fc.regressive - ref.regressive).max() <= 1e-5 * np.abs(ref.regressive).max()
+
+
+@real_registry
+def test_deeper_models_use_the_cache_only_when_asked():
+    model = tiny("vqformer", "rope", depth=2)
+    values = load_series("synthetic:sine:40").values
+    assert not forecast_series(model, "vqformer", "rope", values, 12, cache="auto").metrics["cache"]
+    with pytest.warns(UserWarning, match="depth 2"):
+        assert forecast_series(model, "vqformer", "rope", values, 12, cache=True).metrics["cache"]

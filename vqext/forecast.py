@@ -30,14 +30,57 @@ from .data import Normalizer
 RELATIVE_PES = ("none", "rope")
 
 
-def cache_usable(arch: str, pe: str) -> tuple[bool, str]:
-    """Whether cached decoding equals recomputation for this combination, and why not."""
+def pe_is_absolute(pe: str) -> bool:
+    """Added position tables (randn, sinpe, plugins of mode "add") are absolute; rope and none are not."""
+    if pe in RELATIVE_PES:
+        return False
+    try:
+        from .registry import get_pe
+
+        return getattr(get_pe(pe), "mode", "add") != "rotate"
+    except Exception:  # noqa: BLE001 - an unknown encoding: assume the worst
+        return True
+
+
+@torch.no_grad()
+def _translation_invariant(model, time_steps: int) -> bool:
+    """Whether shifting a window's positions leaves the last output unchanged (attention that only
+    sees position differences). The seed's per-step models with rope are not: they see position t."""
+    g = torch.Generator().manual_seed(0)
+    device = next(model.parameters()).device
+    x = torch.randn(1, time_steps, 1, generator=g).to(device)
+    a = model(x, start_pos=0)[0, -1]
+    b = model(x, start_pos=time_steps + 7)[0, -1]
+    return bool(torch.allclose(a, b, rtol=1e-5, atol=1e-5 * float(a.abs().max().clamp(min=1e-6))))
+
+
+def cache_plan(model, arch: str, pe: str, time_steps: int, positions: str = "window",
+               depth: int = 1) -> tuple[bool, bool, str]:
+    """(use the cache, equals recomputation, note) for this model and position convention."""
     from .registry import get_arch
 
-    cls = get_arch(arch)
-    if not getattr(cls, "supports_cache", False):
+    if not getattr(get_arch(arch), "supports_cache", False):
+        return False, False, f"architecture {arch!r} has no KV cache; recomputing each window"
+    if pe_is_absolute(pe):
+        return False, False, (f"positional encoding {pe!r} is absolute: cached steps would sit at positions the "
+                              f"model never saw in training; recomputing each window")
+    if positions == "window" and pe != "none" and not _translation_invariant(model, time_steps):
+        return False, False, (f"{arch} with {pe!r} depends on absolute positions, so cached steps (position t) would "
+                              f"differ from windows recomputed at positions 0..T-1; recomputing each window "
+                              f"(train with --positions series to decode it with the cache)")
+    if depth > 1:
+        return True, False, (f"depth {depth}: cached decoding differs slightly from recomputation once the window "
+                             f"slides (upper-layer keys saw an older context)")
+    return True, True, ""
+
+
+def cache_usable(arch: str, pe: str) -> tuple[bool, str]:
+    """Static part of :func:`cache_plan`: whether the architecture and encoding allow a cache at all."""
+    from .registry import get_arch
+
+    if not getattr(get_arch(arch), "supports_cache", False):
         return False, f"architecture {arch!r} has no KV cache; recomputing each window"
-    if pe not in RELATIVE_PES:
+    if pe_is_absolute(pe):
         return False, (f"positional encoding {pe!r} is absolute: cached steps would sit at positions the model "
                        f"never saw in training; recomputing each window")
     return True, ""
@@ -123,8 +166,11 @@ def forecast_series(model, arch: str, pe: str, values: np.ndarray, time_steps: i
     note = ""
     use_cache = False
     if cache:
-        use_cache, note = cache_usable(arch, pe)
-        if not use_cache and cache != "auto":
+        depth = int(getattr(model, "hparams", {}).get("depth", 1) or 1)
+        use_cache, exact, note = cache_plan(model, arch, pe, time_steps, positions, depth)
+        if cache == "auto":
+            use_cache = use_cache and exact  # silently: only where it changes nothing but speed
+        elif note:
             warnings.warn(note, stacklevel=2)
     batch = norm.decode(one_step(model, z, time_steps, positions))
     reg = norm.decode(regressive(model, z, time_steps, horizon, positions, cache=use_cache))
@@ -135,7 +181,7 @@ def forecast_series(model, arch: str, pe: str, values: np.ndarray, time_steps: i
         "horizon": int(len(reg)),
         "cache": bool(use_cache),
     }
-    return ForecastResult(batch, reg, metrics, note)
+    return ForecastResult(batch, reg, metrics, note if cache else "")
 
 
 @torch.no_grad()
@@ -147,6 +193,12 @@ def codebook_usage(model, x: torch.Tensor, start_pos=0) -> list[np.ndarray]:
     """
     from .ops.vq import nearest_code
 
+    if hasattr(model, "code_indices"):  # the architecture knows which code each step uses
+        model.eval()
+        idx = model.code_indices(x, start_pos=start_pos)  # (B, T, heads)
+        K = int(getattr(model, "hparams", {}).get("vocab_size", int(idx.max()) + 1))
+        idx = idx.reshape(-1, idx.shape[-1]).cpu().numpy()
+        return [np.bincount(idx[:, h], minlength=K) for h in range(idx.shape[1])]
     found = []
     hooks = []
     for name, mod in model.named_modules():

@@ -194,6 +194,9 @@ def train(cfg: C.RunConfig, run_dir: str, *, resume: bool = False, quiet: bool =
                 x, y = x_all[sel.to(device)], y_all[sel.to(device)]
                 pred = model(x, start_pos=window_start_pos(cfg, sel.to(device)))
                 loss = torch.nn.functional.mse_loss(pred.float(), y)
+                aux = getattr(model, "aux_loss", None)  # hard VQ: codebook + commitment loss
+                if isinstance(aux, torch.Tensor) and aux.requires_grad:
+                    loss = loss + aux
                 if not torch.isfinite(loss.detach()):
                     raise TrainingError(
                         f"training loss became {float(loss.detach())} at epoch {epoch + 1}, batch {b // cfg.batch_size + 1}; "
