@@ -153,6 +153,301 @@ def list_cmd(pattern, as_json):
     if data["plugins_disabled"]:
         click.echo("Plugins are disabled (VQEXT_DISABLE_PLUGINS=1): only vqext's built-ins are listed.")
 
+# ----------------------------------------------------------------- run / sweep / forecast / report
+# hparam name -> (option, type, help). The CLI passes an hparam to the model only when given, so
+# each architecture's own defaults fill in the rest (and an arch that lacks e.g. depth says so).
+_HPARAM_OPTIONS = {
+    "vocab_size": ("--vocab-size", int, "codebook size K (seed: 512)"),
+    "d_model": ("--d-model", int, "model width d (seed: 64)"),
+    "heads": ("--heads", int, "attention / codebook heads (seed: 2 for none, randn; 8 for sinpe, rope)"),
+    "depth": ("--depth", int, "number of layers (architectures that have depth)"),
+    "quantizer": ("--quantizer", str, "soft (attention over the codebook) or hard (nearest code)"),
+    "codebook_scale": ("--codebook-scale", float, "initial codebook scale"),
+}
+
+
+def _common_training_options(sweep: bool):
+    """Options shared by run and sweep; in a sweep, hparams take comma-separated lists."""
+    def deco(f):
+        opts = [
+            click.option("--data", default=None, metavar="CSV",
+                         help="CSV file, bundled:airline|nile, or synthetic:sine|trend|random-walk[:N] "
+                              "(default: bundled:airline)."),
+            click.option("--column", default=None, help="CSV column name or 0-based index (default: last numeric)."),
+            click.option("--time-steps", "-T", type=int, default=None,
+                         help="window length T (default: 96, or a quarter of a short series)."),
+            click.option("--epochs", type=int, default=50, show_default=True),
+            click.option("--lr", type=float, default=0.007, show_default=True, help="Adam learning rate."),
+            click.option("--batch-size", type=int, default=32, show_default=True),
+            click.option("--split", type=click.Choice(["random", "chronological"]), default="random", show_default=True,
+                         help="train/validation split of the windows (random: seeded 80/20 like the seed)."),
+            click.option("--split-seed", type=int, default=42, show_default=True),
+            click.option("--positions", type=click.Choice(["window", "series"]), default="window", show_default=True,
+                         help="start_pos of each window: 0 (window) or its index in the series (series)."),
+            click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
+            click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False),
+                         help="root folder for run directories."),
+            click.option("--quiet", "-q", is_flag=True, help="no progress bars."),
+            click.option("--cache/--no-cache", default=None,
+                         help="KV-cache decoding for the regressive forecast (default: wherever it is exact)."),
+        ]
+        if sweep:
+            opts += [click.option("--archs", required=True, help="comma-separated architectures."),
+                     click.option("--pes", default="none", show_default=True, help="comma-separated encodings."),
+                     click.option("--seeds", default="0", show_default=True, help="comma-separated seeds."),
+                     click.option("--freeze-codebook", default=None, help="comma-separated true/false.")]
+        else:
+            opts += [click.option("--arch", default=None, help="architecture (see `vqext list`); required unless --resume."),
+                     click.option("--pe", default="none", show_default=True, help="positional encoding."),
+                     click.option("--seed", type=int, default=0, show_default=True),
+                     click.option("--freeze-codebook/--train-codebook", default=None,
+                                  help="keep the codebook fixed at its initialisation (the seed's setting).")]
+        for name, (flag, typ, text) in _HPARAM_OPTIONS.items():
+            opts.append(click.option(flag, name, type=str if sweep else typ, default=None,
+                                     help=text + (" Comma-separated list." if sweep else "")))
+        for o in reversed(opts):
+            f = o(f)
+        return f
+    return deco
+
+
+def _parse_list(text, typ, flag):
+    out = []
+    for item in str(text).split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if typ is bool:
+            if item.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise click.BadParameter(f"{item!r} is not true/false", param_hint=flag)
+            out.append(item.lower() in ("true", "1", "yes"))
+            continue
+        try:
+            out.append(typ(item))
+        except ValueError:
+            raise click.BadParameter(f"{item!r} is not a valid {typ.__name__}", param_hint=flag) from None
+    if not out:
+        raise click.BadParameter("empty list", param_hint=flag)
+    return out
+
+
+def _make_config(arch, pe, user_hparams, kw, seed):
+    from .config import RunConfig
+    from .data import default_time_steps, load_series
+    from .registry import resolve_hparams
+
+    time_steps = kw["time_steps"]
+    if time_steps is None:
+        time_steps = default_time_steps(len(load_series(kw["data"], kw["column"])))
+    resolved = resolve_hparams(arch, pe, time_steps=time_steps, **user_hparams)
+    cfg = RunConfig(arch=arch, pe=pe, hparams=resolved, user_hparams=dict(user_hparams), data=kw["data"],
+                    column=kw["column"], time_steps=time_steps, epochs=kw["epochs"], lr=kw["lr"],
+                    batch_size=kw["batch_size"], seed=seed, split=kw["split"], split_seed=kw["split_seed"],
+                    positions=kw["positions"], device=kw["device"])
+    cfg.validate()
+    return cfg
+
+
+def _summary_table(results):
+    from .report import markdown_table
+
+    rows = []
+    for r in results:
+        if "error" in r:
+            rows.append([r["arch"], r["pe"], r["seed"], "failed", r["error"], "", ""])
+            continue
+        f = r["forecast"]
+        rows.append([r["arch"], r["pe"], r["seed"], r["val_loss"], f["regressive"]["mse"], f["batch"]["mse"],
+                     r["run"]])
+    return markdown_table(["arch", "pe", "seed", "val loss", "regressive MSE", "one-step MSE", "run"], rows)
+
+
+@main.command()
+@_common_training_options(sweep=False)
+@click.option("--resume", "resume_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="continue an interrupted run in this directory (its config wins).")
+def run(arch, pe, seed, freeze_codebook, resume_dir, quiet, out, cache, **kw):
+    """Train one model, evaluate, forecast, plot and print a summary.
+
+    Writes one run directory OUT/<settings>/<timestamp>/ with config.json, metrics.jsonl,
+    metrics.json, checkpoint.pt, forecast.csv and plots (PNG).
+
+    \b
+    Examples:
+      vqext run --arch mhvqlnmlp --pe rope
+      vqext run --arch vqlnmlp --pe none --data ../shared/data/y+w.csv --epochs 50 --vocab-size 512
+      vqext run --arch vqformer --pe rope --depth 2 --data synthetic:sine --epochs 5 --quiet
+      vqext run --resume runs/vqlnmlp_vs512_.../2024-12-23-00-05-16
+    """
+    from .config import RunConfig, read_json
+    from .train import run_experiment
+
+    if resume_dir:
+        cfg = RunConfig.from_dict(read_json(os.path.join(resume_dir, "config.json"), "run config"))
+    elif not arch:
+        raise click.UsageError("Missing option '--arch' (or give --resume DIR).")
+    else:
+        user = {k: kw[k] for k in _HPARAM_OPTIONS if kw.get(k) is not None}
+        if freeze_codebook is not None:
+            user["freeze_codebook"] = freeze_codebook
+        cfg = _make_config(arch, pe, user, kw, seed)
+    metrics = run_experiment(cfg, out, quiet=quiet, resume_dir=resume_dir, cache="auto" if cache is None else cache,
+                             announce=lambda d: click.echo(f"run directory: {d}", err=True) if not quiet else None)
+    click.echo(_summary_table([metrics]))
+    fl = metrics["noise_floor"]
+    click.echo(f"noise floor (variance around a {fl['window']}-point moving average): {fl['variance']:.6g}; "
+               f"one-step MSE is {metrics['forecast']['batch']['mse'] / fl['variance']:.3g}x of it"
+               if fl["variance"] > 0 else "")
+    click.echo(f"run directory: {metrics['run']}")
+
+
+@main.command()
+@_common_training_options(sweep=True)
+@click.option("--jobs", "-j", type=int, default=1, show_default=True,
+              help="worker processes (CPU threads are split between them).")
+@click.option("--shard", default=None, metavar="I/N",
+              help="run only the I-th (1-based) of N disjoint slices of the grid; merge with `vqext report`.")
+def sweep(archs, pes, seeds, freeze_codebook, jobs, shard, quiet, out, cache, **kw):
+    """Train a grid of configurations and write a results table (markdown + CSV).
+
+    Every architecture x encoding x hyper-parameter value x seed is one run. The table is sorted by
+    validation loss; with several seeds it adds median, mean, spread and worst seed.
+
+    \b
+    Examples:
+      vqext sweep --archs vqlnmlp,mhvqlnmlp --pes none,randn,sinpe,rope --epochs 20
+      vqext sweep --archs mhvqlnmlp --pes none,rope --heads 2,8 --seeds 0,1,2 --jobs 2
+      vqext sweep --archs vqformer --pes rope --depth 1,2 --shard 1/2 --out runs/grid
+      vqext sweep --archs vqformer --pes rope --depth 1,2 --shard 2/2 --out runs/grid
+      vqext report runs/grid
+    """
+    import datetime as dt
+
+    from .report import build_grid, parse_shard, run_sweep, shard as take_shard, write_report
+
+    if jobs < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--jobs")
+    shard_i, shard_n = parse_shard(shard)
+    lists = {}
+    for name, (flag, typ, _) in _HPARAM_OPTIONS.items():
+        if kw.get(name) is not None:
+            lists[name] = _parse_list(kw[name], typ, flag)
+    if freeze_codebook is not None:
+        lists["freeze_codebook"] = _parse_list(freeze_codebook, bool, "--freeze-codebook")
+    grid = build_grid(_parse_list(archs, str, "--archs"), _parse_list(pes, str, "--pes"), lists,
+                      _parse_list(seeds, int, "--seeds"))
+    # Every combination is validated before anything trains.
+    configs = [_make_config(p.arch, p.pe, p.user_hparams, kw, p.seed) for p in grid]
+    mine = take_shard(configs, shard_i, shard_n)
+    if not mine:
+        click.echo(f"shard {shard_i}/{shard_n} of a {len(configs)}-run grid is empty; nothing to do")
+        return
+    stamp = dt.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
+    suffix = f"-shard{shard_i}of{shard_n}" if shard_n > 1 else ""
+    if not quiet:
+        click.echo(f"sweep: {len(mine)} of {len(configs)} runs (shard {shard_i}/{shard_n}), {jobs} job(s)")
+    results = run_sweep(mine, out, jobs=jobs, quiet=quiet, cache="auto" if cache is None else cache, echo=click.echo)
+    ok = [r for r in results if "error" not in r]
+    click.echo(_summary_table(results))
+    if ok:
+        tables = write_report(ok, out, stem=f"sweep-{stamp}{suffix}", title=f"Sweep {stamp}{suffix}")
+        click.echo("")
+        click.echo(tables.markdown)
+        click.echo(f"results: {os.path.join(out, f'sweep-{stamp}{suffix}.md')} and .csv")
+    failed = len(results) - len(ok)
+    if failed:
+        raise click.ClickException(f"{failed} of {len(results)} runs failed (see the table above)")
+
+
+@main.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="a run directory written by `vqext run`.")
+@click.option("--data", required=True, metavar="CSV", help="series to forecast (CSV, bundled:NAME, synthetic:NAME).")
+@click.option("--column", default=None, help="CSV column name or index (default: last numeric).")
+@click.option("--horizon", type=int, default=None, help="regressive steps (default: to the end of the series).")
+@click.option("--cache/--no-cache", default=False, show_default=True,
+              help="decode with the KV cache (architectures that support it, relative encodings).")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="where to write (default: RUN/forecasts/<data>).")
+def forecast(run_dir, data, column, horizon, cache, out):
+    """Apply a trained model to a series (normalised with that series' own statistics).
+
+    Writes forecast.csv, metrics.json and the one-step and regressive plots.
+
+    \b
+    Examples:
+      vqext forecast --run runs/mhvqlnmlp_rope_.../2024-12-23-00-04-22 --data ../shared/data/w+y.csv
+      vqext forecast --run runs/vqformer_rope_.../... --data ../shared/data/w+y.csv --cache --horizon 200
+    """
+    import warnings
+
+    from . import plots
+    from .config import atomic_write_json
+    from .data import check_length, load_series
+    from .forecast import forecast_series
+    from .train import load_run, write_forecast_csv
+
+    cfg, model, _ = load_run(run_dir)
+    series = load_series(data, column)
+    check_length(len(series), cfg.time_steps, series.source)
+    if horizon is not None and horizon < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--horizon")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fc = forecast_series(model, cfg.arch, cfg.pe, series.values, cfg.time_steps, positions=cfg.positions,
+                             horizon=horizon, cache=cache)
+    for w in caught:
+        click.echo(f"note: {w.message}", err=True)
+    out = out or os.path.join(run_dir, "forecasts", series.name)
+    result = {"run": run_dir, "data": series.source, "column": series.column, "points": len(series),
+              "normalizer": "the series' own mean and std", **fc.metrics}
+    atomic_write_json(os.path.join(out, "metrics.json"), result)
+    write_forecast_csv(os.path.join(out, "forecast.csv"), series.values, cfg.time_steps, fc)
+    title = f"{cfg.arch}/{cfg.pe} on {series.name}"
+    plots.plot_forecast(series.values, fc.one_step, cfg.time_steps, os.path.join(out, "predict_batch.png"),
+                        title=f"{title}: one-step (MSE {fc.metrics['batch']['mse']:.4g})", label="one-step forecast",
+                        context=cfg.time_steps, ylabel=series.column)
+    plots.plot_forecast(series.values, fc.regressive, cfg.time_steps, os.path.join(out, "predict_regressive.png"),
+                        title=f"{title}: regressive, {fc.metrics['horizon']} steps "
+                              f"(MSE {fc.metrics['regressive']['mse']:.4g})",
+                        label="regressive forecast", context=cfg.time_steps, ylabel=series.column)
+    from .report import markdown_table
+
+    b, r = fc.metrics["batch"], fc.metrics["regressive"]
+    click.echo(markdown_table(["forecast", "steps", "MSE", "MAE"],
+                              [["one-step (batch)", b["points"], b["mse"], b["mae"]],
+                               [f"regressive{' (cached)' if fc.metrics['cache'] else ''}", fc.metrics["horizon"],
+                                r["mse"], r["mae"]]]))
+    click.echo(f"written to {out}")
+
+
+@main.command()
+@click.argument("dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="where to write report.md/.csv/.png (default: the first DIR).")
+def report(dirs, out):
+    """Tabulate and plot finished runs found under DIRS (merges sweep shards).
+
+    Errors are shown next to a noise-floor estimate: the variance of the series around its
+    centred moving average.
+
+    \b
+    Examples:
+      vqext report runs
+      vqext report /scratch/shard1 /scratch/shard2 --out results
+    """
+    from .report import find_runs, write_report
+
+    runs, skipped = find_runs(list(dirs))
+    for s in skipped:
+        click.echo(f"note: skipping unfinished run {s}", err=True)
+    if not runs:
+        raise click.ClickException(f"no finished runs (with metrics.json) under {', '.join(dirs)}")
+    out = out or dirs[0]
+    tables = write_report(runs, out, stem="report", title="Report")
+    click.echo(tables.markdown)
+    click.echo(f"written: {os.path.join(out, 'report.md')}, report.csv, report_loss.png, report_noise_floor.png")
+
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,134 @@
+import json
+import os
+
+import pytest
+import torch
+
+from vqext import config as C
+from vqext.errors import DataError
+from vqext.registry import resolve_hparams
+from vqext.train import TrainingError, load_checkpoint, load_run, run_experiment, train
+
+TINY = {"vqlnmlp": dict(vocab_size=16, d_model=8),
+        "mhvqlnmlp": dict(vocab_size=16, d_model=8, heads=2),
+        "vqformer": dict(vocab_size=16, d_model=8, heads=2, depth=1)}
+
+
+def tiny_config(arch="mhvqlnmlp", pe="rope", epochs=3, data="synthetic:sine:60", T=8, **kw):
+    hp = resolve_hparams(arch, pe, time_steps=T, **TINY[arch])
+    return C.RunConfig(arch=arch, pe=pe, hparams=hp, user_hparams=TINY[arch], data=data, time_steps=T,
+                       epochs=epochs, lr=0.01, batch_size=8, seed=kw.pop("seed", 0), device="cpu", **kw)
+
+
+def history(run_dir):
+    with open(os.path.join(run_dir, C.HISTORY_FILE)) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def strip_time(hist):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in hist]
+
+
+def test_same_seed_same_numbers_on_cpu(tmp_path):
+    a = train(tiny_config(), str(tmp_path / "a"), quiet=True)
+    b = train(tiny_config(), str(tmp_path / "b"), quiet=True)
+    assert strip_time(a.history) == strip_time(b.history)
+    c = train(tiny_config(seed=1), str(tmp_path / "c"), quiet=True)
+    assert strip_time(c.history) != strip_time(a.history)
+    assert strip_time(history(str(tmp_path / "a"))) == strip_time(a.history)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = train(tiny_config(epochs=4), str(tmp_path / "full"), quiet=True)
+    part_dir = str(tmp_path / "part")
+    train(tiny_config(epochs=4), part_dir, quiet=True, stop_after_epoch=2)
+    assert load_checkpoint(os.path.join(part_dir, C.CHECKPOINT_FILE))["epoch"] == 2
+    # The process "dies" here; its RNG state is lost. A fresh process resumes.
+    torch.manual_seed(12345)
+    resumed = train(tiny_config(epochs=4), part_dir, quiet=True, resume=True)
+    assert strip_time(resumed.history) == strip_time(full.history)
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
+def test_no_temporary_files_left(tmp_path):
+    train(tiny_config(epochs=2), str(tmp_path), quiet=True)
+    assert sorted(os.listdir(tmp_path)) == [C.CHECKPOINT_FILE, C.CONFIG_FILE, C.HISTORY_FILE]
+    # a writer killed mid-write leaves only its hidden temporary; resume cleans it up
+    (tmp_path / ".checkpoint.pt.abc123.tmp").write_bytes(b"half a checkpo")
+    train(tiny_config(epochs=3), str(tmp_path), quiet=True, resume=True)
+    assert sorted(os.listdir(tmp_path)) == [C.CHECKPOINT_FILE, C.CONFIG_FILE, C.HISTORY_FILE]
+
+
+def test_atomic_write_replaces_whole_files(tmp_path):
+    path = str(tmp_path / "f.json")
+    C.atomic_write_json(path, {"a": 1})
+    C.atomic_write_json(path, {"a": 2})
+    assert json.load(open(path)) == {"a": 2} and os.listdir(tmp_path) == ["f.json"]
+
+
+def test_resume_before_the_first_checkpoint_starts_over(tmp_path):
+    full = train(tiny_config(epochs=2), str(tmp_path / "a"), quiet=True)
+    os.makedirs(tmp_path / "b")
+    again = train(tiny_config(epochs=2), str(tmp_path / "b"), quiet=True, resume=True)
+    assert strip_time(again.history) == strip_time(full.history)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "header", "empty"])
+def test_corrupted_checkpoint_is_detected_and_named(tmp_path, damage):
+    train(tiny_config(epochs=1), str(tmp_path), quiet=True)
+    path = os.path.join(tmp_path, C.CHECKPOINT_FILE)
+    raw = open(path, "rb").read()
+    if damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    elif damage == "flip":
+        i = len(raw) - 100
+        raw = raw[:i] + bytes([raw[i] ^ 0xFF]) + raw[i + 1:]
+    elif damage == "header":
+        raw = b"garbage" + raw
+    else:
+        raw = b""
+    open(path, "wb").write(raw)
+    with pytest.raises(DataError, match=f"checkpoint {path} is corrupted"):
+        load_checkpoint(path)
+    with pytest.raises(DataError, match="corrupted"):
+        train(tiny_config(epochs=2), str(tmp_path), quiet=True, resume=True)
+
+
+def test_checkpoint_loads_on_cpu_and_rebuilds_the_model(tmp_path):
+    res = train(tiny_config(epochs=1), str(tmp_path), quiet=True)
+    cfg, model, ckpt = load_run(str(tmp_path))
+    assert all(t.device.type == "cpu" for t in ckpt["model"].values())
+    x = torch.randn(2, 8, 1)
+    res.model.eval()
+    assert torch.equal(model(x), res.model(x))
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
+    import vqext.train as T
+
+    real = T.build_model
+
+    def poisoned(cfg):
+        model = real(cfg)
+        model.register_forward_hook(lambda m, args, out: out * float("nan"))
+        return model
+
+    monkeypatch.setattr(T, "build_model", poisoned)
+    with pytest.raises(TrainingError, match="loss became nan at epoch 1, batch 1; lower --lr"):
+        train(tiny_config(), str(tmp_path), quiet=True)
+
+
+def test_run_experiment_writes_a_complete_run_dir(tmp_path):
+    m = run_experiment(tiny_config(epochs=2), str(tmp_path), quiet=True)
+    files = set(os.listdir(m["run"]))
+    assert {"config.json", "metrics.json", "metrics.jsonl", "checkpoint.pt", "forecast.csv", "predict_batch.png",
+            "predict_regressive.png", "loss.png", "codebook_usage.png"} <= files
+    assert not [f for f in files if f.endswith(".tmp")]
+    assert m["forecast"]["regressive"]["points"] == 60 - 8 and m["forecast"]["batch"]["points"] == 52
+    assert m["val_loss"] > 0 and m["noise_floor"]["variance"] > 0
+    saved = json.load(open(os.path.join(m["run"], "metrics.json")))
+    assert saved["val_loss"] == m["val_loss"]
+    cfg = json.load(open(os.path.join(m["run"], "config.json")))
+    assert cfg["hparams"]["vocab_size"] == 16 and cfg["arch"] == "mhvqlnmlp"
+    assert os.path.basename(os.path.dirname(m["run"])).startswith("mhvqlnmlp_rope_vs16_dm8_nh2_syn_sine_ts8_lr0.01_s0")

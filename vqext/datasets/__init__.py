@@ -1,0 +1,1 @@
+"""Bundled public-domain series (see docs/data.md)."""

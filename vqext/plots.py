@@ -1,0 +1,103 @@
+"""PNG plots (matplotlib, Agg backend: no display needed), written atomically."""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import atomic_savefig
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_forecast(values, prediction, start: int, path: str, *, title: str, label: str,
+                  context: int | None = None, x=None, xlabel: str = "step", ylabel: str = "value") -> None:
+    """The series (truth) with a forecast of points ``start..start+len(prediction)-1`` over it."""
+    plt = _plt()
+    values = np.asarray(values)
+    xs = np.arange(len(values)) if x is None else np.asarray(x)
+    fig, ax = plt.subplots(figsize=(11, 4.2), dpi=110)
+    ax.plot(xs, values, color="#1f77b4", lw=1.1, label="truth")
+    if context:
+        ax.axvspan(xs[0], xs[min(context, len(xs)) - 1], color="0.9", label=f"first window ({context} points)")
+    n = min(len(prediction), max(0, len(values) - start))
+    px = xs[start:start + n] if n else []
+    ax.plot(px, np.asarray(prediction)[:n], color="#d62728", lw=1.1, label=label)
+    if len(prediction) > n:  # forecast beyond the end of the series
+        step = (xs[-1] - xs[-2]) if len(xs) > 1 else 1
+        fx = xs[-1] + step * np.arange(1, len(prediction) - n + 1)
+        ax.plot(fx, np.asarray(prediction)[n:], color="#d62728", lw=1.1, ls="--")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+def plot_losses(history: list[dict], path: str, *, title: str) -> None:
+    plt = _plt()
+    epochs = [r["epoch"] for r in history]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(epochs, [r["train_loss"] for r in history], marker=".", label="train")
+    ax.plot(epochs, [r["val_loss"] for r in history], marker=".", label="validation")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("MSE (normalised)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+def plot_codebook_usage(counts: list[np.ndarray], path: str, *, title: str) -> None:
+    """One row per head: how often each code wins, codes sorted by use (a long tail = dead codes)."""
+    plt = _plt()
+    rows = max(1, len(counts))
+    fig, axes = plt.subplots(rows, 1, figsize=(7, 1.6 + 1.4 * rows), dpi=110, squeeze=False)
+    for h, (ax, c) in enumerate(zip(axes[:, 0], counts)):
+        c = np.sort(np.asarray(c))[::-1]
+        used = int((c > 0).sum())
+        ax.bar(np.arange(len(c)), c, width=1.0, color="#2ca02c")
+        if c.max() > 0:
+            ax.set_yscale("log")
+        ax.set_ylabel(f"head {h}" if len(counts) > 1 else "count")
+        ax.text(0.99, 0.85, f"{used}/{len(c)} codes used", transform=ax.transAxes, ha="right", fontsize=8)
+    if not counts:
+        axes[0, 0].text(0.5, 0.5, "no codebook found in this model", ha="center", va="center")
+    axes[-1, 0].set_xlabel("code rank (by use)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+def plot_comparison(names: list[str], values: list[float], path: str, *, title: str, xlabel: str,
+                    errors: list[float] | None = None, reference: float | None = None,
+                    reference_label: str = "") -> None:
+    """Horizontal bars, one per run or configuration (the report's overview)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.35 * len(names)), dpi=110)
+    y = np.arange(len(names))
+    ax.barh(y, values, xerr=errors, color="#1f77b4", alpha=0.85)
+    ax.set_yticks(y)
+    ax.set_yticklabels(names, fontsize=7)
+    ax.invert_yaxis()
+    if reference is not None and np.isfinite(reference):
+        ax.axvline(reference, color="#d62728", ls="--", label=reference_label)
+        ax.legend(fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    atomic_savefig(fig, path)
+    plt.close(fig)
