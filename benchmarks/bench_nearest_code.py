@@ -84,7 +84,7 @@ def run(args) -> int:
     info = _native.build_info()
     print(f"# nearest_code benchmark: vqext {vqext.__version__}, torch {torch.__version__}, "
           f"native={native}, avx512={info.get('avx512')}, faiss={'yes' if faiss else 'no'}, "
-          f"cpus={os.cpu_count()}", flush=True)
+          f"cpus={os.cpu_count()}, load average at start {os.getloadavg()[0]:.1f}", flush=True)
     header = ("| N | D | K | thr | ours q/s | ours GF/s | FAISS GF/s | cdist GF/s | expanded GF/s "
               "| ours/FAISS | ours/best torch | extra MiB ours | FAISS | torch best |")
     print(header)
@@ -110,17 +110,20 @@ def run(args) -> int:
                 methods["faiss"] = lambda: index.search(xn, 1)
             # Large torch baselines take seconds per call; fewer repetitions for them.
             reps = {m: (args.reps if (m in ("ours", "faiss") or flops < 2e10) else 1) for m in methods}
-            for fn in methods.values():
-                fn()  # warm-up (packing, thread pools, allocator)
+            # Warm-up (thread pools, allocator); on the first thread count it also measures the
+            # peak extra memory. Slow torch baselines are not warmed again for later counts.
+            mem = {}
+            for m, fn in methods.items():
+                if threads == args.threads[0]:
+                    mem[m] = peak_extra_bytes(fn) / MiB
+                elif reps[m] > 1:
+                    fn()
             times = {m: float("inf") for m in methods}
             for _ in range(max(reps.values())):  # interleave so load changes hit all methods alike
                 for m, fn in methods.items():
                     if reps[m] > 0:
                         times[m] = min(times[m], best_time(fn, 1))
                 reps = {m: r - 1 for m, r in reps.items()}
-            mem = {}
-            if threads == args.threads[0]:
-                mem = {m: peak_extra_bytes(fn) / MiB for m, fn in methods.items()}
             gf = {m: flops / t / 1e9 for m, t in times.items()}
             torch_best = max(gf["cdist"], gf["expanded"])
             r_torch = gf["ours"] / torch_best

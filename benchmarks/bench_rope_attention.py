@@ -26,11 +26,14 @@ from vqext.ops import apply_rope_reference, rope_attention
 
 
 def timeit(fn, min_time: float, reps_max: int = 50) -> float:
-    """Median seconds of fn() after one warm-up call."""
+    """Median seconds of fn() after one warm-up call; a call slower than min_time is timed once."""
+    t0 = time.perf_counter()
     fn()
+    warm = time.perf_counter() - t0
     times = []
     start = time.perf_counter()
-    while len(times) < 3 or (time.perf_counter() - start < min_time and len(times) < reps_max):
+    want = 1 if warm > min_time else 3
+    while len(times) < want or (time.perf_counter() - start < min_time and len(times) < reps_max):
         t0 = time.perf_counter()
         fn()
         if torch.cuda.is_available():

@@ -64,8 +64,10 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, metric: str = "l2"):
         Memory is O(N + K): the N x K distance matrix is never formed.
     """
     _validate(x, codebook, metric)
-    x = x.detach()
-    codebook = codebook.detach()
+    if x.requires_grad:
+        x = x.detach()
+    if codebook.requires_grad:
+        codebook = codebook.detach()
     if _native.use_native(x, codebook):
         return torch.ops.vqext.nearest_code(x, codebook, metric)
     return nearest_code_reference(x, codebook, metric)

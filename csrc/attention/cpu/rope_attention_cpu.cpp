@@ -35,12 +35,14 @@ struct Vec<float> {
   typedef float type __attribute__((vector_size(32)));
   typedef int32_t itype __attribute__((vector_size(32)));
   static constexpr int W = 8;
+  static itype iota() { return itype{0, 1, 2, 3, 4, 5, 6, 7}; }
 };
 template <>
 struct Vec<double> {
   typedef double type __attribute__((vector_size(32)));
   typedef int64_t itype __attribute__((vector_size(32)));
   static constexpr int W = 4;
+  static itype iota() { return itype{0, 1, 2, 3}; }
 };
 
 template <typename V>
@@ -121,10 +123,14 @@ template <typename A, int KC>
 inline void gemm_auto(int M, int N, int K, const A* a, int64_t a_rs, int64_t a_ks, const A* b, int64_t ldb, A* c,
                       int64_t ldc, bool accumulate) {
   constexpr int W = Vec<A>::W;
-  if (N % (2 * W) == 0)
+  if (N % (2 * W) == 0) {
     gemm<A, 4, 2, KC>(M, N, K, a, a_rs, a_ks, b, ldb, c, ldc, accumulate);
-  else
-    gemm<A, 4, 1, KC>(M, N, K, a, a_rs, a_ks, b, ldb, c, ldc, accumulate);
+  } else {
+    // one vector per row: 8 rows keep 8 independent FMA chains in flight (FMA latency x ports)
+    const int M8 = M / 8 * 8;
+    if (M8) gemm<A, 8, 1, KC>(M8, N, K, a, a_rs, a_ks, b, ldb, c, ldc, accumulate);
+    if (M > M8) gemm<A, 4, 1, KC>(M - M8, N, K, a + M8 * a_rs, a_rs, a_ks, b, ldb, c + M8 * ldc, ldc, accumulate);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -251,8 +257,7 @@ inline A exp_row(A* s, int limit, A ref) {
   for (int j = 0; j < BK; j += W) {
     V x = vload<V>(s + j) - ref;
     V e = vexp(x);
-    typename Vec<A>::itype idx;
-    for (int l = 0; l < W; ++l) idx[l] = j + l;
+    const typename Vec<A>::itype idx = Vec<A>::iota() + j;
     e = idx < limit ? e : V{};
     vstore(s + j, e);
     sum += e;
@@ -270,8 +275,7 @@ inline A row_max(const A* s, int limit) {
   V mx = V{} + ninf;
   for (int j = 0; j < BK; j += W) {
     V x = vload<V>(s + j);
-    typename Vec<A>::itype idx;
-    for (int l = 0; l < W; ++l) idx[l] = j + l;
+    const typename Vec<A>::itype idx = Vec<A>::iota() + j;
     x = idx < limit ? x : V{} + ninf;
     mx = x > mx ? x : mx;
   }
@@ -289,6 +293,9 @@ inline int visible_keys(const Problem& pr, int64_t qp, int64_t kp_block, int nk)
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// Small problems run on the calling thread: waking a thread team costs more than they take.
+inline int64_t work_grain(int64_t tasks, double flops) { return flops < 262144.0 ? std::max<int64_t>(tasks, 1) : 1; }
+
 // ---------------------------------------------------------------------------------------------
 // Forward. A task is a chunk of QC queries of one (batch, head): each key/value tile is loaded
 // (and rotated) once per chunk and reused by its BQ-row sub-tiles.
@@ -301,7 +308,8 @@ void forward_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* ou
   const int64_t nqc = (pr.Tq + QC - 1) / QC;
   const A scale = static_cast<A>(pr.scale);
   const A ninf = -std::numeric_limits<A>::infinity();
-  at::parallel_for(0, pr.B * pr.Hq * nqc, 1, [&](int64_t t0, int64_t t1) {
+  const int64_t grain = work_grain(pr.B * pr.Hq * nqc, static_cast<double>(pr.B) * pr.Hq * pr.Tq * pr.Tk * pr.d);
+  at::parallel_for(0, pr.B * pr.Hq * nqc, grain, [&](int64_t t0, int64_t t1) {
     std::vector<A> Qs(QC * dp), KT(dp * BK), Vt(BK * dp), S(BQ * BK), O(QC * dp), m(QC), l(QC);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t qc = task % nqc, h = (task / nqc) % pr.Hq, b = task / (nqc * pr.Hq);
@@ -382,208 +390,134 @@ void forward_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* ou
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward pass 1: dq for a chunk of queries, looping over key blocks (shared by its sub-tiles).
+// Backward, one pass (flash-attention-2 style). A task is one (query batch b, kv head hk): it
+// owns dq for the grouped query heads of (b, hk), and dk, dv of (b, hk) when k is not shared.
+// Its queries and output gradients are rotated and staged once; for each key block, each
+// query tile recomputes P = exp(S - lse) and forms dS = P * (dP - D), then
+//   dV += P^T dO,  dK += dS^T (scale R q),  dQ += dS (R k).
+// With a shared k (Bk == 1) the dk, dv of a task are added into per-thread partial sums that are
+// reduced at the end; at::parallel_for hands each thread a fixed contiguous range of tasks, so
+// the summation order, and the result, is the same run to run for a given thread count.
 template <typename T, typename A, int DP>
-void backward_dq_kernel(const Problem& pr, const T* gout, const T* q, const T* k, const T* v, const A* lse,
-                        const A* Drow, T* dq, const RopeTable<A>& tab) {
-  constexpr int QC = kChunkQueries, BQ = kTileQueries, BK = tile_keys<A>();
+void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, const T* v, const A* lse,
+                     const A* Drow, T* dq, A* dk_out, A* dv_out, int64_t partial_stride, int64_t nthreads,
+                     const RopeTable<A>& tab, int64_t grain) {
+  constexpr int BQ = kTileQueries, BK = tile_keys<A>();
   const int64_t d = pr.d, dp = DP > 0 ? DP : round_up(d, Vec<A>::W);
-  const int64_t nqc = (pr.Tq + QC - 1) / QC;
+  const int64_t nkb = (pr.Tk + BK - 1) / BK;
+  const int64_t tq4 = round_up(pr.Tq, 4);
   const A scale = static_cast<A>(pr.scale);
-  at::parallel_for(0, pr.B * pr.Hq * nqc, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<A> Qs(QC * dp), dO(QC * dp), KT(dp * BK), Kr(BK * dp), VT(dp * BK), S(BQ * BK), dP(BQ * BK),
-        dQ(QC * dp), L(QC), Dv(QC);
+  at::parallel_for(0, pr.B * pr.Hk, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<A> Qs(pr.group * tq4 * dp), dO(pr.group * tq4 * dp), dQ(pr.group * tq4 * dp), L(pr.group * tq4),
+        Dv(pr.group * tq4);
+    std::vector<A> KT(dp * BK), Kr(BK * dp), VT(dp * BK), S(BQ * BK), dP(BQ * BK), dKT(dp * BK), dVT(dp * BK);
+    const int64_t tid = pr.Bk == 1 ? at::get_thread_num() : 0;
+    TORCH_CHECK(tid < nthreads, "rope_attention backward: unexpected thread index");
+    A* dk_part = dk_out + tid * partial_stride;
+    A* dv_part = dv_out + tid * partial_stride;
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t qc = task % nqc, h = (task / nqc) % pr.Hq, b = task / (nqc * pr.Hq);
-      const int64_t bk = pr.Bk == 1 ? 0 : b, hk = h / pr.group;
-      const int64_t i0 = qc * QC;
-      const int nrows = static_cast<int>(std::min<int64_t>(QC, pr.Tq - i0));
-      const int nrows4 = static_cast<int>(round_up(nrows, 4));
-      const int64_t rowbase = (b * pr.Hq + h) * pr.Tq + i0;
-      const T* kbase = k + (bk * pr.Hk + hk) * pr.Tk * d;
-      const T* vbase = v + (bk * pr.Hk + hk) * pr.Tk * d;
-      const int64_t qp0 = pr.qpos[b] + i0, kp0 = pr.kpos[b];
-      for (int r = 0; r < nrows4; ++r) {
-        if (r < nrows) {
-          const int64_t row = pr.rope_q ? tab.q_row[b] + i0 + r : 0;
-          rotate_row<T, A>(q + (rowbase + r) * d, Qs.data() + r * dp, d, dp, scale,
-                           pr.rope_q ? tab.cos_row(row) : nullptr, pr.rope_q ? tab.sin_row(row) : nullptr, A(1));
-          rotate_row<T, A>(gout + (rowbase + r) * d, dO.data() + r * dp, d, dp, A(1), nullptr, nullptr, A(1));
-          L[r] = lse[rowbase + r];
-          Dv[r] = Drow[rowbase + r];
-        } else {
-          std::fill(Qs.begin() + r * dp, Qs.begin() + (r + 1) * dp, A(0));
-          std::fill(dO.begin() + r * dp, dO.begin() + (r + 1) * dp, A(0));
-          L[r] = 0;
-          Dv[r] = 0;
+      const int64_t hk = task % pr.Hk, b = task / pr.Hk;
+      const int64_t bk = pr.Bk == 1 ? 0 : b;
+      const int64_t qs = pr.qpos[b], ks = pr.kpos[b];
+      for (int64_t g = 0; g < pr.group; ++g) {
+        const int64_t rowbase = (b * pr.Hq + hk * pr.group + g) * pr.Tq;
+        for (int64_t i = 0; i < tq4; ++i) {
+          A* qrow = Qs.data() + (g * tq4 + i) * dp;
+          A* orow = dO.data() + (g * tq4 + i) * dp;
+          if (i < pr.Tq) {
+            const int64_t row = pr.rope_q ? tab.q_row[b] + i : 0;
+            rotate_row<T, A>(q + (rowbase + i) * d, qrow, d, dp, scale, pr.rope_q ? tab.cos_row(row) : nullptr,
+                             pr.rope_q ? tab.sin_row(row) : nullptr, A(1));
+            rotate_row<T, A>(gout + (rowbase + i) * d, orow, d, dp, A(1), nullptr, nullptr, A(1));
+            L[g * tq4 + i] = lse[rowbase + i];
+            Dv[g * tq4 + i] = Drow[rowbase + i];
+          } else {
+            std::fill(qrow, qrow + dp, A(0));
+            std::fill(orow, orow + dp, A(0));
+          }
         }
       }
-      std::fill(dQ.begin(), dQ.begin() + nrows4 * dp, A(0));
-      int64_t kend = pr.Tk;
-      if (pr.causal) kend = std::max<int64_t>(0, std::min<int64_t>(pr.Tk, qp0 + nrows - kp0));
-      for (int64_t kb = 0; kb < kend; kb += BK) {
-        const int nk = static_cast<int>(std::min<int64_t>(BK, kend - kb));
+      std::fill(dQ.begin(), dQ.end(), A(0));
+      const int64_t kvbase = (bk * pr.Hk + hk) * pr.Tk * d;
+      for (int64_t kblk = 0; kblk < nkb; ++kblk) {
+        const int64_t kb = kblk * BK;
+        const int nk = static_cast<int>(std::min<int64_t>(BK, pr.Tk - kb));
+        // first query row that sees key kb
+        const int64_t qstart = pr.causal ? std::max<int64_t>(0, ks + kb - qs) : 0;
+        if (qstart >= pr.Tq) break;
         for (int j = 0; j < BK; ++j) {
           if (j < nk) {
             const int64_t row = pr.rope_k ? tab.k_row[b] + kb + j : 0;
             const A* cs = pr.rope_k ? tab.cos_row(row) : nullptr;
             const A* sn = pr.rope_k ? tab.sin_row(row) : nullptr;
-            rotate_row_to_column<T, A>(kbase + (kb + j) * d, KT.data(), BK, j, d, dp, cs, sn);
-            rotate_row<T, A>(kbase + (kb + j) * d, Kr.data() + j * dp, d, dp, A(1), cs, sn, A(1));
-            rotate_row_to_column<T, A>(vbase + (kb + j) * d, VT.data(), BK, j, d, dp, nullptr, nullptr);
+            rotate_row_to_column<T, A>(k + kvbase + (kb + j) * d, KT.data(), BK, j, d, dp, cs, sn);
+            rotate_row<T, A>(k + kvbase + (kb + j) * d, Kr.data() + j * dp, d, dp, A(1), cs, sn, A(1));
+            rotate_row_to_column<T, A>(v + kvbase + (kb + j) * d, VT.data(), BK, j, d, dp, nullptr, nullptr);
           } else {
             for (int64_t c = 0; c < dp; ++c) KT[c * BK + j] = VT[c * BK + j] = A(0);
             std::fill(Kr.begin() + j * dp, Kr.begin() + (j + 1) * dp, A(0));
           }
         }
-        for (int s0 = 0; s0 < nrows; s0 += BQ) {
-          const int nq = std::min(BQ, nrows - s0);
-          if (pr.causal && qp0 + s0 + nq - 1 < kp0 + kb) continue;
-          const int mq = static_cast<int>(round_up(nq, 4));
-          gemm_auto<A, DP>(mq, BK, static_cast<int>(dp), Qs.data() + s0 * dp, dp, 1, KT.data(), BK, S.data(), BK,
-                           false);
-          gemm_auto<A, DP>(mq, BK, static_cast<int>(dp), dO.data() + s0 * dp, dp, 1, VT.data(), BK, dP.data(), BK,
-                           false);
-          for (int r = 0; r < mq; ++r) {
-            A* srow = S.data() + r * BK;
-            const int lim = r < nq ? visible_keys(pr, qp0 + s0 + r, kp0 + kb, nk) : 0;
-            if (lim <= 0) {
-              std::fill(srow, srow + BK, A(0));
-              continue;
-            }
-            exp_row<A, BK>(srow, lim, L[s0 + r]);
-            const A* dprow = dP.data() + r * BK;
-            const A Di = Dv[s0 + r];
-            for (int j = 0; j < BK; ++j) srow[j] = srow[j] * (dprow[j] - Di);
-          }
-          gemm_auto<A, 0>(mq, static_cast<int>(dp), nk, S.data(), BK, 1, Kr.data(), dp, dQ.data() + s0 * dp, dp,
-                          true);
-        }
-      }
-      for (int r = 0; r < nrows; ++r) {
-        const int64_t row = pr.rope_q ? tab.q_row[b] + i0 + r : 0;
-        A tmp[128];
-        rotate_row<A, A>(dQ.data() + r * dp, tmp, d, d, scale, pr.rope_q ? tab.cos_row(row) : nullptr,
-                         pr.rope_q ? tab.sin_row(row) : nullptr, A(-1));
-        T* dst = dq + (rowbase + r) * d;
-        for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<T>(tmp[c]);
-      }
-    }
-  });
-}
-
-// Backward pass 2: dk, dv for a block of keys of one (kv batch, kv head), looping over every
-// query batch and grouped head that reads it and over the query tiles that see the block.
-template <typename T, typename A, int DP>
-void backward_dkv_kernel(const Problem& pr, const T* gout, const T* q, const T* k, const T* v, const A* lse,
-                         const A* Drow, T* dk, T* dv, const RopeTable<A>& tab) {
-  constexpr int BQ = kTileQueries, BK = tile_keys<A>();
-  const int64_t d = pr.d, dp = DP > 0 ? DP : round_up(d, Vec<A>::W);
-  const int64_t nkb = (pr.Tk + BK - 1) / BK;
-  const A scale = static_cast<A>(pr.scale);
-  at::parallel_for(0, pr.Bk * pr.Hk * nkb, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<A> Qs(BQ * dp), dO(BQ * dp), KT(dp * BK), VT(dp * BK), S(BQ * BK), dP(BQ * BK), dKT(dp * BK),
-        dKacc(dp * BK), dVT(dp * BK), L(BQ), Dv(BQ);
-    for (int64_t task = t0; task < t1; ++task) {
-      const int64_t kblk = task % nkb, hk = (task / nkb) % pr.Hk, bk = task / (nkb * pr.Hk);
-      const int64_t kb = kblk * BK;
-      const int nk = static_cast<int>(std::min<int64_t>(BK, pr.Tk - kb));
-      const int64_t kvbase = ((bk * pr.Hk + hk) * pr.Tk + kb) * d;
-      for (int j = 0; j < BK; ++j) {
-        if (j < nk) {
-          rotate_row_to_column<T, A>(v + kvbase + j * d, VT.data(), BK, j, d, dp, nullptr, nullptr);
-        } else {
-          for (int64_t c = 0; c < dp; ++c) VT[c * BK + j] = A(0);
-        }
-      }
-      std::fill(dVT.begin(), dVT.end(), A(0));
-      std::fill(dKacc.begin(), dKacc.end(), A(0));
-      const int64_t b_begin = pr.Bk == 1 ? 0 : bk, b_end = pr.Bk == 1 ? pr.B : bk + 1;
-      for (int64_t b = b_begin; b < b_end; ++b) {
-        const int64_t kp = pr.kpos[b] + kb;  // absolute position of key kb
-        // k is rotated per batch position; batches sharing the start position reuse the tile
-        const bool reload = b == b_begin || (pr.rope_k && pr.kpos[b] != pr.kpos[b - 1]);
-        if (reload) {
-          for (int j = 0; j < BK; ++j) {
-            if (j < nk) {
-              const int64_t row = pr.rope_k ? tab.k_row[b] + kb + j : 0;
-              rotate_row_to_column<T, A>(k + kvbase + j * d, KT.data(), BK, j, d, dp,
-                                         pr.rope_k ? tab.cos_row(row) : nullptr,
-                                         pr.rope_k ? tab.sin_row(row) : nullptr);
-            } else {
-              for (int64_t c = 0; c < dp; ++c) KT[c * BK + j] = A(0);
-            }
-          }
-        }
         std::fill(dKT.begin(), dKT.end(), A(0));
-        int64_t qstart = 0;
-        if (pr.causal) qstart = std::max<int64_t>(0, kp - pr.qpos[b]);
-        bool touched = false;
+        std::fill(dVT.begin(), dVT.end(), A(0));
         for (int64_t g = 0; g < pr.group; ++g) {
-          const int64_t h = hk * pr.group + g;
           for (int64_t i0 = qstart; i0 < pr.Tq; i0 += BQ) {
             const int nq = static_cast<int>(std::min<int64_t>(BQ, pr.Tq - i0));
-            const int64_t rowbase = (b * pr.Hq + h) * pr.Tq + i0;
-            const int64_t qp0 = pr.qpos[b] + i0;
-            for (int r = 0; r < static_cast<int>(round_up(nq, 4)); ++r) {
-              if (r < nq) {
-                const int64_t row = pr.rope_q ? tab.q_row[b] + i0 + r : 0;
-                rotate_row<T, A>(q + (rowbase + r) * d, Qs.data() + r * dp, d, dp, scale,
-                                 pr.rope_q ? tab.cos_row(row) : nullptr, pr.rope_q ? tab.sin_row(row) : nullptr,
-                                 A(1));
-                rotate_row<T, A>(gout + (rowbase + r) * d, dO.data() + r * dp, d, dp, A(1), nullptr, nullptr, A(1));
-                L[r] = lse[rowbase + r];
-                Dv[r] = Drow[rowbase + r];
-              } else {
-                std::fill(Qs.begin() + r * dp, Qs.begin() + (r + 1) * dp, A(0));
-                std::fill(dO.begin() + r * dp, dO.begin() + (r + 1) * dp, A(0));
-              }
-            }
             const int mq = static_cast<int>(round_up(nq, 4));
-            gemm_auto<A, DP>(mq, BK, static_cast<int>(dp), Qs.data(), dp, 1, KT.data(), BK, S.data(), BK, false);
-            gemm_auto<A, DP>(mq, BK, static_cast<int>(dp), dO.data(), dp, 1, VT.data(), BK, dP.data(), BK, false);
+            const int64_t ro = g * tq4 + i0;  // staged row of the tile's first query
+            const A* Qt = Qs.data() + ro * dp;
+            const A* dOt = dO.data() + ro * dp;
+            gemm_auto<A, DP>(mq, BK, static_cast<int>(dp), Qt, dp, 1, KT.data(), BK, S.data(), BK, false);
+            gemm_auto<A, DP>(mq, BK, static_cast<int>(dp), dOt, dp, 1, VT.data(), BK, dP.data(), BK, false);
             for (int r = 0; r < mq; ++r) {
               A* srow = S.data() + r * BK;
               A* dprow = dP.data() + r * BK;
-              const int lim = r < nq ? visible_keys(pr, qp0 + r, kp, nk) : 0;
+              const int lim = r < nq ? visible_keys(pr, qs + i0 + r, ks + kb, nk) : 0;
               if (lim <= 0) {
                 std::fill(srow, srow + BK, A(0));
                 std::fill(dprow, dprow + BK, A(0));
                 continue;
               }
-              exp_row<A, BK>(srow, lim, L[r]);
-              // dP row becomes dS = P * (dP - D); S row keeps P
-              for (int j = 0; j < BK; ++j) dprow[j] = srow[j] * (dprow[j] - Dv[r]);
+              exp_row<A, BK>(srow, lim, L[ro + r]);
+              const A Di = Dv[ro + r];
+              for (int j = 0; j < BK; ++j) dprow[j] = srow[j] * (dprow[j] - Di);  // dS
             }
-            const int nqr = static_cast<int>(round_up(nq, 4));
-            // dV^T (dp x BK) += dO^T P ; dK^T += Qs^T dS (Qs already carries the scale)
-            gemm_auto<A, 0>(static_cast<int>(dp), BK, nqr, dO.data(), 1, dp, S.data(), BK, dVT.data(), BK, true);
-            gemm_auto<A, 0>(static_cast<int>(dp), BK, nqr, Qs.data(), 1, dp, dP.data(), BK, dKT.data(), BK, true);
-            touched = true;
+            gemm_auto<A, 0>(static_cast<int>(dp), BK, mq, dOt, 1, dp, S.data(), BK, dVT.data(), BK, true);
+            gemm_auto<A, 0>(static_cast<int>(dp), BK, mq, Qt, 1, dp, dP.data(), BK, dKT.data(), BK, true);
+            gemm_auto<A, 0>(mq, static_cast<int>(dp), nk, dP.data(), BK, 1, Kr.data(), dp, dQ.data() + ro * dp, dp,
+                            true);
           }
         }
-        if (!touched) continue;
-        // back to the unrotated frame of k at this batch's positions
-        if (pr.rope_k) {
-          for (int j = 0; j < nk; ++j) {
+        // dk back to k's frame (R^T at this batch's key positions); add into this task's output
+        A* dkd = dk_part + (hk * pr.Tk + kb) * d + (pr.Bk == 1 ? 0 : b * pr.Hk * pr.Tk * d);
+        A* dvd = dv_part + (hk * pr.Tk + kb) * d + (pr.Bk == 1 ? 0 : b * pr.Hk * pr.Tk * d);
+        for (int j = 0; j < nk; ++j) {
+          if (pr.rope_k) {
             const int64_t row = tab.k_row[b] + kb + j;
             const A* cs = tab.cos_row(row);
             const A* sn = tab.sin_row(row);
             for (int64_t i = 0; i < d / 2; ++i) {
               const A g0 = dKT[(2 * i) * BK + j], g1 = dKT[(2 * i + 1) * BK + j];
-              dKacc[(2 * i) * BK + j] += g0 * cs[i] + g1 * sn[i];
-              dKacc[(2 * i + 1) * BK + j] += -g0 * sn[i] + g1 * cs[i];
+              dkd[j * d + 2 * i] += g0 * cs[i] + g1 * sn[i];
+              dkd[j * d + 2 * i + 1] += -g0 * sn[i] + g1 * cs[i];
             }
+          } else {
+            for (int64_t c = 0; c < d; ++c) dkd[j * d + c] += dKT[c * BK + j];
           }
-        } else {
-          for (int64_t e = 0; e < dp * BK; ++e) dKacc[e] += dKT[e];
+          for (int64_t c = 0; c < d; ++c) dvd[j * d + c] += dVT[c * BK + j];
         }
       }
-      for (int j = 0; j < nk; ++j)
-        for (int64_t c = 0; c < d; ++c) {
-          dk[kvbase + j * d + c] = static_cast<T>(dKacc[c * BK + j]);
-          dv[kvbase + j * d + c] = static_cast<T>(dVT[c * BK + j]);
+      for (int64_t g = 0; g < pr.group; ++g) {
+        const int64_t rowbase = (b * pr.Hq + hk * pr.group + g) * pr.Tq;
+        for (int64_t i = 0; i < pr.Tq; ++i) {
+          const int64_t row = pr.rope_q ? tab.q_row[b] + i : 0;
+          A tmp[128];
+          rotate_row<A, A>(dQ.data() + (g * tq4 + i) * dp, tmp, d, d, scale, pr.rope_q ? tab.cos_row(row) : nullptr,
+                           pr.rope_q ? tab.sin_row(row) : nullptr, A(-1));
+          T* dst = dq + (rowbase + i) * d;
+          for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<T>(tmp[c]);
         }
+      }
     }
   });
 }
@@ -661,21 +595,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_bwd_cpu(
   // D_i = rowsum(dO * O): the softmax-Jacobian term of flash-attention-2's backward
   const at::Tensor Drow = (gout * out_in.to(q.scalar_type())).sum(-1).contiguous();
   at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
+  // dk, dv accumulate in A; with a shared k (Bk == 1) each thread has its own partial sums
+  const int64_t nthreads = pr.Bk == 1 ? at::get_num_threads() : 1;
+  const int64_t kv_numel = k.numel();
+  at::Tensor dk_acc = at::zeros({nthreads, kv_numel}, q.options());
+  at::Tensor dv_acc = at::zeros({nthreads, kv_numel}, q.options());
+  const int64_t grain = work_grain(pr.B * pr.Hk, static_cast<double>(pr.B) * pr.Hq * pr.Tq * pr.Tk * pr.d);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rope_attention_bwd_cpu", [&] {
     using A = scalar_t;
     const RopeTable<A> tab = tables_for<A>(pr);
     dispatch_head_size(round_up(pr.d, Vec<A>::W), [&](auto DPc) {
       constexpr int DP = decltype(DPc)::value;
-      backward_dq_kernel<scalar_t, A, DP>(pr, gout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                                          v.data_ptr<scalar_t>(), lse.data_ptr<A>(), Drow.data_ptr<A>(),
-                                          dq.data_ptr<scalar_t>(), tab);
-      backward_dkv_kernel<scalar_t, A, DP>(pr, gout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
-                                           k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), lse.data_ptr<A>(),
-                                           Drow.data_ptr<A>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), tab);
+      backward_kernel<scalar_t, A, DP>(pr, gout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                                       v.data_ptr<scalar_t>(), lse.data_ptr<A>(), Drow.data_ptr<A>(),
+                                       dq.data_ptr<scalar_t>(), dk_acc.data_ptr<A>(), dv_acc.data_ptr<A>(), kv_numel,
+                                       nthreads, tab, grain);
     });
   });
+  at::Tensor dk = dk_acc.sum(0).view(k.sizes());
+  at::Tensor dv = dv_acc.sum(0).view(v.sizes());
   return {dq, dk, dv};
 }
 
