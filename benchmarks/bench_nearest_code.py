@@ -142,7 +142,7 @@ def run(args) -> int:
                 want = 1.5 if (D == 8 and K == 512) else 1.0
                 if r_faiss < want:
                     failures.append(f"N={N} D={D} K={K} t={threads}: {r_faiss:.2f}x FAISS (target {want}x)")
-            if N == 131072 and K == 4096 and mem.get("ours") == mem.get("ours"):
+            if N == 131072 and K == 4096 and "ours" in mem and mem["ours"] == mem["ours"]:
                 limit = 0.05 * N * K * 4 / MiB
                 if mem["ours"] > limit:
                     failures.append(f"N={N} K={K}: extra memory {mem['ours']:.1f} MiB > {limit:.1f} MiB")
