@@ -67,6 +67,8 @@ class TrainConfig:
     clip: float = 0.0
     input_noise: float = 0.0  # std (normalised units) of Gaussian noise on training inputs
     loss_last: int = 0  # 0: mean over all positions; k: only the last k positions
+    last_weight: float = 0.0  # extra loss term: last_weight * MSE over the last last_k positions
+    last_k: int = 16
     max_offset: int = 0  # start_pos augmentation: random absolute offset in [0, max_offset]
     optimizer: str = "adam"
 
@@ -110,6 +112,8 @@ def train(model: nn.Module, xtr, ytr, cfg: TrainConfig, seed: int, log_every: in
                 loss = F.mse_loss(pred[:, -cfg.loss_last:], yb[:, -cfg.loss_last:])
             else:
                 loss = F.mse_loss(pred, yb)
+            if cfg.last_weight:
+                loss = loss + cfg.last_weight * F.mse_loss(pred[:, -cfg.last_k:], yb[:, -cfg.last_k:])
             aux = getattr(model, "aux_loss", None)
             if aux is not None:
                 loss = loss + aux

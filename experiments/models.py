@@ -159,9 +159,15 @@ class VQFormer(nn.Module):
 
     def __init__(self, d=64, heads=4, depth=2, K=64, pe="rope", causal=True, cb_trained=True,
                  cb_scale=None, quantizer="soft", residual=True, cb_heads=None, proj=True,
-                 self_attn=True, mlp=False):
+                 self_attn=True, mlp=False, ar_skip=0):
         super().__init__()
         self.residual = residual
+        # ar_skip=L: a causal linear filter over the last L inputs added to the output (a linear
+        # autoregressive path); missing history at the start of a window repeats the first value.
+        self.ar = nn.Conv1d(1, 1, ar_skip, bias=True) if ar_skip else None
+        if self.ar is not None:
+            nn.init.zeros_(self.ar.weight)
+            nn.init.zeros_(self.ar.bias)
         self.inp = nn.Linear(1, d)
         self.pe = AdditivePE(pe, d) if pe in ("randn", "sinpe") else None
         self.blocks = nn.ModuleList(
@@ -182,6 +188,10 @@ class VQFormer(nn.Module):
         for b in self.blocks:
             h = b(h, offset)
         y = self.out(self.ln(h)).squeeze(-1)
+        if self.ar is not None:
+            L = self.ar.kernel_size[0]
+            xp = F.pad(x[:, None], (L - 1, 0), mode="replicate")
+            y = y + self.ar(xp).squeeze(1)
         return x + y if self.residual else y
 
 
