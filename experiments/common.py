@@ -71,6 +71,9 @@ class TrainConfig:
     last_k: int = 16
     max_offset: int = 0  # start_pos augmentation: random absolute offset in [0, max_offset]
     optimizer: str = "adam"
+    # pushforward: extra passes where every input after the first is replaced by the model's own
+    # (detached) one-step prediction, so training sees smooth, self-generated windows like a rollout
+    pushforward: int = 0
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -114,6 +117,11 @@ def train(model: nn.Module, xtr, ytr, cfg: TrainConfig, seed: int, log_every: in
                 loss = F.mse_loss(pred, yb)
             if cfg.last_weight:
                 loss = loss + cfg.last_weight * F.mse_loss(pred[:, -cfg.last_k:], yb[:, -cfg.last_k:])
+            xin = xb
+            for _ in range(cfg.pushforward):
+                xin = torch.cat([xin[:, :1], pred.detach()[:, :-1]], dim=1)
+                pred = model(xin, offset=off)
+                loss = loss + F.mse_loss(pred, yb)
             aux = getattr(model, "aux_loss", None)
             if aux is not None:
                 loss = loss + aux
