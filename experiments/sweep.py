@@ -37,6 +37,12 @@ for arch, mh in (("vqlnmlp", False), ("mhvqlnmlp", True)):
         cfg(f"seed_{arch}_{pe}", "SeedVQ", {"lr": 7e-3, "epochs": 50},
             d=64, K=512, heads=(2 if pe in ("none", "randn") else 8), pe=pe, multihead=mh)
 
+# the same with 15 epochs (the loaded shared machine could not fit 24 x 50 epochs in the session)
+for arch, mh in (("vqlnmlp", False), ("mhvqlnmlp", True)):
+    for pe in ("none", "randn", "sinpe", "rope"):
+        cfg(f"seed15_{arch}_{pe}", "SeedVQ", {"lr": 7e-3, "epochs": 15},
+            d=64, K=512, heads=(2 if pe in ("none", "randn") else 8), pe=pe, multihead=mh)
+
 # VQ former family: base and one-factor variations
 BASE_M = dict(d=64, heads=4, depth=2, K=64, pe="rope", causal=True, cb_trained=True,
               cb_scale=None, quantizer="soft", residual=True)
@@ -88,6 +94,12 @@ vqf("vqf_pf1", {"pushforward": 1})
 vqf("vqf_ar_noise10_lastw3", {"input_noise": 0.10, "last_weight": 3.0}, ar_skip=96)
 vqf("vqf_ar_noise10_lastw3_k4", {"input_noise": 0.10, "last_weight": 3.0, "last_k": 4}, ar_skip=96)
 vqf("vqf_ar_noise10_lastw3_pf1", {"input_noise": 0.10, "last_weight": 3.0, "pushforward": 1}, ar_skip=96)
+vqf("vqf_ar_noise10_lastw_pf1", {"input_noise": 0.10, "last_weight": 1.0, "pushforward": 1}, ar_skip=96)
+vqf("vqf_ar_noise10_lastw_ep80", {"input_noise": 0.10, "last_weight": 1.0, "epochs": 80}, ar_skip=96)
+vqf("vqf_ar_noise05_lastw", {"input_noise": 0.05, "last_weight": 1.0}, ar_skip=96)
+vqf("vqf_ar_noise10_lastw_frozen", {"input_noise": 0.10, "last_weight": 1.0}, ar_skip=96, cb_trained=False)
+vqf("vqf_ar_noise10_lastw_hard", {"input_noise": 0.10, "last_weight": 1.0}, ar_skip=96, quantizer="hard")
+vqf("vqf_ar_noise10_lastw_lr1e-3", {"input_noise": 0.10, "last_weight": 1.0, "lr": 1e-3}, ar_skip=96)
 vqf("vqf_last8", {"loss_last": 8})
 vqf("vqf_T48", {"T": 48})
 vqf("vqf_T192", {"T": 192})
