@@ -6,7 +6,8 @@ Self-contained: model, training and the seed's evaluation protocol in one file.
 
 Model (VQFormer): Linear(1->d) -> depth x [ h += MHSA(LN(h)), causal, RoPE on q/k ;
 h += CodebookAttention(LN(h)) = Wo(softmax(Wq h C_h^T * scale) C_h per head) ] -> LN -> Linear(d->1),
-plus the tricks measured in FINDINGS.md (residual target, input noise). See DEFAULTS.
+plus a causal linear AR skip, and the training tricks measured in FINDINGS.md (residual target,
+input noise, extra weight on the last positions, one pushforward pass). See DEFAULTS.
 """
 from __future__ import annotations
 
@@ -26,9 +27,12 @@ DEFAULTS = dict(
     d_model=64, heads=4, depth=2, vocab_size=64, pe="rope", codebook_trained=True,
     codebook_scale=None,  # None: 1/sqrt(head_dim)
     residual=True,  # predict x[t+1] - x[t]; the output adds the input back
+    ar_skip=96,  # causal linear filter over the last 96 inputs added to the output (0: none)
     # training
     T=96, epochs=40, batch=32, lr=3e-3, schedule="cosine", warmup=0.05, clip=1.0,
     input_noise=0.10,  # std of Gaussian noise added to training inputs (normalised units)
+    last_weight=1.0, last_k=16,  # loss += last_weight * MSE over the last last_k positions
+    pushforward=1,  # extra passes on the model's own (detached) one-step predictions as input
 )
 
 
@@ -79,9 +83,14 @@ class CodebookAttention(nn.Module):
 
 class VQFormer(nn.Module):
     def __init__(self, d_model, heads, depth, vocab_size, codebook_trained, codebook_scale, residual,
-                 **_):
+                 ar_skip=0, **_):
         super().__init__()
         self.residual = residual
+        # a linear autoregressive path; missing history at the window start repeats the first value
+        self.ar = nn.Conv1d(1, 1, ar_skip) if ar_skip else None
+        if self.ar is not None:
+            nn.init.zeros_(self.ar.weight)
+            nn.init.zeros_(self.ar.bias)
         self.inp = nn.Linear(1, d_model)
         self.blocks = nn.ModuleList()
         for _ in range(depth):
@@ -97,6 +106,9 @@ class VQFormer(nn.Module):
             h = h + b["sa"](b["ln1"](h))
             h = h + b["cb"](b["ln2"](h))
         y = self.out(self.ln(h)).squeeze(-1)
+        if self.ar is not None:
+            L = self.ar.kernel_size[0]
+            y = y + self.ar(F.pad(x[:, None], (L - 1, 0), mode="replicate")).squeeze(1)
         return x + y if self.residual else y
 
 
@@ -127,7 +139,9 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
     for k, v in DEFAULTS.items():
-        ap.add_argument("--" + k, type=(type(v) if v is not None else float), default=v)
+        kind = (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(v, bool) else (
+            type(v) if v is not None else float)
+        ap.add_argument("--" + k, type=kind, default=v)
     a = ap.parse_args()
     torch.set_num_threads(1)
     s, mu, sd = load(os.path.join(a.data, "y+w.csv"))
@@ -152,7 +166,13 @@ def main():
                 if a.schedule == "cosine" else a.lr)
             for pg in opt.param_groups:
                 pg["lr"] = lr
-            loss = F.mse_loss(model(xb), y[ib])
+            pred = model(xb)
+            loss = F.mse_loss(pred, y[ib])
+            if a.last_weight:
+                loss = loss + a.last_weight * F.mse_loss(pred[:, -a.last_k:], y[ib][:, -a.last_k:])
+            for _ in range(a.pushforward):  # teach the model to read its own smooth predictions
+                pred = model(torch.cat([xb[:, :1], pred.detach()[:, :-1]], 1))
+                loss = loss + F.mse_loss(pred, y[ib])
             opt.zero_grad()
             loss.backward()
             if a.clip:
