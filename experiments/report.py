@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import glob
+import os
 import statistics
 import sys
 
@@ -43,5 +44,31 @@ def table(by, names=None):
     return "\n".join(rows)
 
 
+def fill(template="FINDINGS.md"):
+    """Replace the block after each '<!-- table: prefix1,prefix2 -->' marker (up to the next blank
+    line) with the table of the configs whose names start with those prefixes."""
+    by = load()
+    lines = open(template).read().split("\n")
+    out, i = [], 0
+    while i < len(lines):
+        out.append(lines[i])
+        if lines[i].startswith("<!-- table:"):
+            prefixes = tuple(p.strip() for p in lines[i][len("<!-- table:"):-3].split(","))
+            names = [n for n in by if n.startswith(prefixes)]
+            out.append(table(by, names))
+            i += 1
+            while i < len(lines) and lines[i].strip():
+                i += 1
+            continue
+        i += 1
+    tmp = template + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(out))
+    os.replace(tmp, template)
+
+
 if __name__ == "__main__":
-    print(table(load(sys.argv[1:] or None)))
+    if sys.argv[1:] == ["--fill"]:
+        fill()
+    else:
+        print(table(load(sys.argv[1:] or None)))

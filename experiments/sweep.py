@@ -100,6 +100,12 @@ vqf("vqf_ar_noise05_lastw", {"input_noise": 0.05, "last_weight": 1.0}, ar_skip=9
 vqf("vqf_ar_noise10_lastw_frozen", {"input_noise": 0.10, "last_weight": 1.0}, ar_skip=96, cb_trained=False)
 vqf("vqf_ar_noise10_lastw_hard", {"input_noise": 0.10, "last_weight": 1.0}, ar_skip=96, quantizer="hard")
 vqf("vqf_ar_noise10_lastw_lr1e-3", {"input_noise": 0.10, "last_weight": 1.0, "lr": 1e-3}, ar_skip=96)
+REC_T = {"input_noise": 0.10, "last_weight": 1.0, "pushforward": 1}
+vqf("vqf_rec_frozen", REC_T, ar_skip=96, cb_trained=False)
+vqf("vqf_rec_hard", REC_T, ar_skip=96, quantizer="hard")
+vqf("vqf_rec_noar", REC_T)
+vqf("vqf_rec_h8", REC_T, ar_skip=96, heads=8)
+vqf("vqf_rec_depth1", REC_T, ar_skip=96, depth=1)
 vqf("vqf_last8", {"loss_last": 8})
 vqf("vqf_T48", {"T": 48})
 vqf("vqf_T192", {"T": 192})
