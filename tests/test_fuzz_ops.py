@@ -7,10 +7,13 @@ not depend on a non-finite input equal the reference; the documented non-finite 
 (docs/reliability.md) is asserted where it is a promise:
 
 - nearest_code: the index is always in [0, K); a vector of x holding NaN gets some valid index
-  and a NaN (or inf) score; a codebook row holding NaN is never chosen over a finite one.
+  and a NaN (or inf) score; with the native kernels a codebook row holding NaN is never chosen
+  over a finite one (the reference, torch.min, picks the NaN row).
 - apply_rope: a pair (2i, 2i+1) holding NaN/inf becomes NaN/inf; other pairs are unaffected.
-- rope_attention: a query row holding NaN/inf, or seeing (by the causal mask) a key or value row
-  holding one, becomes non-finite; other rows are unaffected (masked keys are never read).
+- rope_attention: rows that see (by the causal mask) only finite query/key values and whose head
+  has only finite value rows equal the reference; a query that sees no key gives zeros. A NaN
+  query row is NaN in the reference but comes out finite from the native CPU kernel (strict
+  xfail below: a known defect, recorded in docs/reliability.md).
 
 Example counts follow the hypothesis profile (tests/conftest.py; the sanitised build uses fewer).
 """
@@ -91,8 +94,10 @@ def test_nearest_code_fuzz(data, dtype, lead, heads, K, D, metric):
     assert bool((~torch.isfinite(ss.double()[nan_x])).all())
     clean = _finite_rows(xs)  # (N, H)
     for h in range(cbh.shape[0]):
-        if not bool(code_ok[h].all()) and bool(code_ok[h].any()) and bool(clean[:, h].any()):
-            # a NaN code never wins against finite codes for a finite vector
+        if (_native.use_native(x, cb) and not bool(code_ok[h].all()) and bool(code_ok[h].any())
+                and bool(clean[:, h].any())):
+            # native kernels: a NaN code never wins against finite codes for a finite vector (the
+            # reference's torch.min returns the NaN code instead)
             nan_codes = torch.isnan(cbh[h].double()).any(-1)
             assert not bool(nan_codes[ii[clean[:, h], h]].any())
     if not bool(code_ok.all()):
@@ -207,7 +212,9 @@ def test_rope_attention_fuzz(data, dtype, B, Hk, group, Tq, Tk, half_d, shared_k
     scale = float(clean(v).abs().amax()) + 1 if v.numel() else 1.0
     assert torch.allclose(out[~affected], ref[~affected], atol=tol * scale, rtol=tol)
     sees_any = sees.any(-1).unsqueeze(1).expand(B, q.shape[1], Tq)
-    assert bool((out[~sees_any] == 0).all())  # a query that sees no key outputs zeros, whatever its values
+    # a query that sees no key outputs zeros, whatever its own values (the reference's 0 * NaN
+    # would leak a non-finite value row, see above)
+    assert bool((out[~sees_any & ~bad_v_q] == 0).all())
 
 
 @pytest.mark.xfail(_native.native_available(), strict=True, reason="known: the native CPU kernel's running max skips NaN scores, so a row "
