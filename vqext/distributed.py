@@ -48,7 +48,8 @@ class Context:
             return model
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ids = [torch.device(device).index or self.local_rank] if torch.device(device).type == "cuda" else None
+        dev = torch.device(device)
+        ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else None
         # Some architectures leave parameters out of a step (e.g. a frozen or unused branch).
         return DDP(model, device_ids=ids, find_unused_parameters=True)
 
@@ -175,7 +176,8 @@ def current() -> Context:
 
 
 def training_device(device: str) -> str:
-    """The device this rank trains on: "cuda" means this rank's GPU under torchrun."""
-    if launched() and device == "cuda":
+    """The device this rank trains on: under torchrun any CUDA device means this rank's GPU
+    (``LOCAL_RANK``), as two ranks on one GPU would stall NCCL."""
+    if launched() and str(device).startswith("cuda"):
         return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     return device
