@@ -107,7 +107,7 @@ def test_nearest_code_fuzz(data, dtype, lead, heads, K, D, metric):
     if not bool(keep.any()):
         return
     xk = xs[keep]
-    ref_idx, _ = nearest_code_reference(xk.reshape(-1, *x_shape[len(lead):]) if heads else xk.reshape(-1, D), cb, metric)
+    ref_idx, _ = nearest_code_reference(xk.reshape(-1, heads, D) if heads else xk.reshape(-1, D), cb, metric)
     ours = ii[keep].reshape(ref_idx.shape)
     c64 = cbh.double()
     x64 = xk.double().reshape(-1, cbh.shape[0], D)
@@ -217,7 +217,8 @@ def test_rope_attention_fuzz(data, dtype, B, Hk, group, Tq, Tk, half_d, shared_k
     assert bool((out[~sees_any & ~bad_v_q] == 0).all())
 
 
-@pytest.mark.xfail(_native.native_available(), strict=True, reason="known: the native CPU kernel's running max skips NaN scores, so a row "
+@pytest.mark.xfail(_native.native_available(), strict=True,
+                   reason="known: the native CPU kernel's running max skips NaN scores, so a row "
                    "whose scores are NaN comes out finite (zeros in float32, a plain mean of v in float64); "
                    "the reference gives NaN. See docs/reliability.md.")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -88,8 +88,8 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
         assert not os.path.exists(os.path.join(run_dir, C.METRICS_FILE))
         if kills >= KILLS:
             break
-        proc = subprocess.Popen([sys.executable, "-m", "vqext", "run", "--resume", run_dir, "--quiet", "--no-cache"], env=_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen([sys.executable, "-m", "vqext", "run", "--resume", run_dir, "--quiet", "--no-cache"],
+                                env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert kills >= 1
     resumed = _vqext("run", "--resume", run_dir, "--quiet", "--no-cache")
     assert resumed.returncode == 0, resumed.stderr
@@ -99,7 +99,8 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
     b = json.load(open(os.path.join(run_dir, C.METRICS_FILE)))
     for key in ("val_loss", "train_loss", "best_val_loss", "forecast", "codes_used", "epochs"):
         assert a[key] == b[key], key
-    assert _strip(_lines(os.path.join(full_dir, C.HISTORY_FILE))) == _strip(_lines(os.path.join(run_dir, C.HISTORY_FILE)))
+    full_history = _lines(os.path.join(full_dir, C.HISTORY_FILE))
+    assert _strip(full_history) == _strip(_lines(os.path.join(run_dir, C.HISTORY_FILE)))
 
 
 def test_resume_from_a_corrupted_checkpoint_names_the_file(tmp_path):

@@ -155,7 +155,8 @@ def setup(device: str) -> Context:
     import torch.distributed as dist
 
     try:
-        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", 0))
     except (KeyError, ValueError) as exc:
         raise ConfigError(f"WORLD_SIZE is set but the launcher's {exc} is missing or not a number; "
                           "start with torchrun") from None
