@@ -4,6 +4,29 @@ import pytest
 import torch
 
 
+# Set by .ci/sanitize.sh: the op tests must run against the ASan/UBSan build, never silently on
+# the reference ops; tests marked no_sanitize (slow and not about memory safety) are skipped.
+SANITIZED_RUN = os.environ.get("VQEXT_REQUIRE_SANITIZED") == "1"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "no_sanitize: skipped under .ci/sanitize.sh (too slow there)")
+    if SANITIZED_RUN:
+        from vqext import _native
+
+        if not _native.native_available():
+            pytest.exit(f"VQEXT_REQUIRE_SANITIZED=1 but the native extension did not load: {_native.load_error()}",
+                        returncode=3)
+
+
+def pytest_collection_modifyitems(config, items):
+    if SANITIZED_RUN:
+        skip = pytest.mark.skip(reason="no_sanitize: too slow under the sanitiser")
+        for item in items:
+            if "no_sanitize" in item.keywords:
+                item.add_marker(skip)
+
+
 def pytest_report_header(config):
     import vqext
     from vqext import _native

@@ -293,6 +293,8 @@ def run(arch, pe, seed, freeze_codebook, resume_dir, quiet, out, cache, **kw):
         cfg = _make_config(arch, pe, user, kw, seed)
     metrics = run_experiment(cfg, out, quiet=quiet, resume_dir=resume_dir, cache="auto" if cache is None else cache,
                              announce=lambda d: click.echo(f"run directory: {d}", err=True) if not quiet else None)
+    if metrics is None:
+        return  # a torchrun rank other than 0: rank 0 reports
     click.echo(_summary_table([metrics]))
     fl = metrics["noise_floor"]
     click.echo(f"noise floor (variance around a {fl['window']}-point moving average): {fl['variance']:.6g}; "

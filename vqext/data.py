@@ -81,13 +81,20 @@ def _to_float(cell: str) -> float | None:
         return None
 
 
+# Squares of the values (variances, MSEs) must stay finite in float64.
+MAX_ABS_VALUE = 1e150
+
+
 def parse_csv_text(text: str, column: str | int | None = None, source: str = "<csv>") -> tuple[np.ndarray, str]:
     """Parse CSV text into the values of one column.
 
     The first row is a header when any of its cells is not a number. ``column`` is a header name,
     a 0-based index (negative counts from the end) or None for the last numeric column.
     """
-    rows = [r for r in csv.reader(text.splitlines()) if any(c.strip() for c in r)]
+    try:
+        rows = [r for r in csv.reader(text.splitlines()) if any(c.strip() for c in r)]
+    except csv.Error as exc:  # e.g. a cell longer than the csv module's field limit (128 KiB)
+        raise DataError(f"{source}: not a readable CSV file ({exc})") from None
     if not rows:
         raise DataError(f"{source}: the file is empty")
     header = None
@@ -109,6 +116,9 @@ def parse_csv_text(text: str, column: str | int | None = None, source: str = "<c
             raise DataError(f"{source}: line {line}, column {label!r}: {row[index].strip()[:40]!r} is not a number")
         if not math.isfinite(v):
             raise DataError(f"{source}: line {line}, column {label!r}: {v} (NaN/inf values are not allowed)")
+        if abs(v) > MAX_ABS_VALUE:
+            raise DataError(f"{source}: line {line}, column {label!r}: {v:g} is too large (squared errors would "
+                            f"overflow; values must be within +-{MAX_ABS_VALUE:g}, rescale the column)")
         values[i] = v
     return values, label
 

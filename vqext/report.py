@@ -120,9 +120,34 @@ def find_runs(paths: list[str]) -> tuple[list[dict], list[str]]:
                 skipped.append(dirpath)
                 continue
             m = C.read_json(os.path.join(dirpath, C.METRICS_FILE), "run metrics")
+            _check_metrics(m, os.path.join(dirpath, C.METRICS_FILE))
             m["run"] = dirpath
             runs.append(m)
     return runs, skipped
+
+
+def _check_metrics(m, path: str) -> None:
+    """A metrics.json that parses but is not what `vqext run` writes is reported, not tabulated."""
+    from .errors import DataError
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    fc = m.get("forecast") if isinstance(m, dict) else None
+    problems = []
+    if not isinstance(m, dict):
+        problems.append(f"a JSON {type(m).__name__}, not an object")
+    else:
+        problems += [f"{k!r} missing" for k in ("arch", "pe", "seed", "hparams", "data") if k not in m]
+        problems += [f"{k!r} is not a number" for k in ("val_loss", "best_val_loss") if not number(m.get(k))]
+        if not (isinstance(fc, dict) and all(isinstance(fc.get(p), dict) and number(fc[p].get("mse"))
+                                             and number(fc[p].get("mae")) for p in ("batch", "regressive"))):
+            problems.append("'forecast' lacks batch/regressive mse and mae")
+        nf = m.get("noise_floor")
+        if not (isinstance(nf, dict) and number(nf.get("variance")) and "window" in nf):
+            problems.append("'noise_floor' lacks variance/window")
+    if problems:
+        raise DataError(f"run metrics {path} is not a vqext metrics file: {'; '.join(problems)}")
 
 
 def run_name(m: dict) -> str:

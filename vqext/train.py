@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from . import config as C
+from . import distributed
 from .data import Dataset, check_length, load_series, prepare
 from .errors import DataError, VqextError
 
@@ -101,6 +102,13 @@ def remove_stale_temporaries(run_dir: str) -> None:
                 pass
 
 
+def _open_for_resume(run_dir: str, ckpt_path: str) -> dict | None:
+    remove_stale_temporaries(run_dir)
+    if not os.path.exists(ckpt_path):
+        return None  # killed before the first epoch finished: start over in the same directory
+    return load_checkpoint(ckpt_path)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -150,7 +158,9 @@ def train(cfg: C.RunConfig, run_dir: str, *, resume: bool = False, quiet: bool =
     ``stop_after_epoch`` ends the loop early after that epoch (used by tests of resume).
     """
     cfg.validate()
-    device = C.resolve_device(cfg.device)
+    device = distributed.training_device(C.resolve_device(cfg.device))
+    dist = distributed.setup(device)  # single process: a no-op context
+    quiet = quiet or not dist.is_main
     ds = prepare(load_series(cfg.data, cfg.column), cfg.time_steps, cfg.split, cfg.val_fraction, cfg.split_seed)
     seed_everything(cfg.seed)
     model = build_model(cfg).to(device)
@@ -160,19 +170,18 @@ def train(cfg: C.RunConfig, run_dir: str, *, resume: bool = False, quiet: bool =
     history: list[dict] = []
     start_epoch = 0
     ckpt_path = os.path.join(run_dir, C.CHECKPOINT_FILE)
+    # Rank 0 reads the checkpoint and sends it to the others (no shared file system needed).
+    ckpt = dist.broadcast_call(lambda: _open_for_resume(run_dir, ckpt_path)) if resume else None
+    resume = ckpt is not None
     if resume:
-        remove_stale_temporaries(run_dir)
-    if resume and not os.path.exists(ckpt_path):
-        resume = False  # killed before the first epoch finished: start over in the same directory
-    if resume:
-        ckpt = load_checkpoint(ckpt_path)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         history = [json.loads(line) for line in ckpt["history"]]
         start_epoch = int(ckpt["epoch"])
         _restore_rng(ckpt["rng"], shuffle)
-    else:
+    elif dist.is_main:
         C.atomic_write_json(os.path.join(run_dir, C.CONFIG_FILE), cfg.to_dict())
+    net = dist.wrap(model, device)  # what runs the training forward (DDP under torchrun)
 
     train_idx = torch.as_tensor(ds.train_idx, dtype=torch.long)
     x_all, y_all = ds.x.to(device), ds.y.to(device)
@@ -190,33 +199,37 @@ def train(cfg: C.RunConfig, run_dir: str, *, resume: bool = False, quiet: bool =
             order = train_idx[torch.randperm(len(train_idx), generator=shuffle)]
             loss_sum, seen = 0.0, 0
             for b in range(0, len(order), cfg.batch_size):
-                sel = order[b:b + cfg.batch_size]
+                sel, weight = dist.split_batch(order[b:b + cfg.batch_size])  # (whole batch, 1.0) alone
                 x, y = x_all[sel.to(device)], y_all[sel.to(device)]
-                pred = model(x, start_pos=window_start_pos(cfg, sel.to(device)))
+                pred = net(x, start_pos=window_start_pos(cfg, sel.to(device)))
                 loss = torch.nn.functional.mse_loss(pred.float(), y)
                 aux = getattr(model, "aux_loss", None)  # hard VQ: codebook + commitment loss
                 if isinstance(aux, torch.Tensor) and aux.requires_grad:
                     loss = loss + aux
-                if not torch.isfinite(loss.detach()):
+                batch_loss = dist.weighted_mean(float(loss.detach()), weight)  # the global batch's
+                if not math.isfinite(batch_loss):
                     raise TrainingError(
-                        f"training loss became {float(loss.detach())} at epoch {epoch + 1}, batch {b // cfg.batch_size + 1}; "
+                        f"training loss became {batch_loss} at epoch {epoch + 1}, batch {b // cfg.batch_size + 1}; "
                         f"lower --lr (now {cfg.lr:g}) or check the data")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss if weight == 1.0 else loss * weight).backward()
                 optimizer.step()
-                loss_sum += float(loss.detach()) * len(sel)
-                seen += len(sel)
-            val_loss = evaluate(model, ds, ds.val_idx, cfg, device)
+                batch_size = min(cfg.batch_size, len(order) - b)
+                loss_sum += batch_loss * batch_size
+                seen += batch_size
+            val_part = dist.shard(ds.val_idx)
+            val_loss = dist.weighted_mean(evaluate(model, ds, val_part, cfg, device), len(val_part))
             record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "val_loss": val_loss,
                       "seconds": round(time.perf_counter() - t0, 3)}
             history.append(record)
             lines = [json.dumps(r, sort_keys=True) for r in history]
-            save_checkpoint(ckpt_path, {
-                "format": 1, "epoch": epoch + 1, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "history": lines, "rng": _rng_state(shuffle),
-                "config": json.dumps(cfg.to_dict()), "normalizer": ds.normalizer.to_dict(),
-            })
-            C.atomic_write_text(os.path.join(run_dir, C.HISTORY_FILE), "\n".join(lines) + "\n")
+            if dist.is_main:
+                save_checkpoint(ckpt_path, {
+                    "format": 1, "epoch": epoch + 1, "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "history": lines, "rng": _rng_state(shuffle),
+                    "config": json.dumps(cfg.to_dict()), "normalizer": ds.normalizer.to_dict(),
+                })
+                C.atomic_write_text(os.path.join(run_dir, C.HISTORY_FILE), "\n".join(lines) + "\n")
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(train=f"{record['train_loss']:.4f}", val=f"{val_loss:.4f}")
@@ -256,13 +269,16 @@ def run_experiment(cfg: C.RunConfig, out_root: str = "runs", *, quiet: bool = Fa
     cfg.validate()
     series = load_series(cfg.data, cfg.column)
     check_length(len(series), cfg.time_steps, series.source)  # before a run directory exists
+    dist = distributed.setup(distributed.training_device(C.resolve_device(cfg.device)))
     if resume_dir:
         run_dir = resume_dir
     else:
-        run_dir = C.new_run_dir(out_root, cfg.label(series.name))
-    if announce is not None:
+        run_dir = dist.broadcast(C.new_run_dir(out_root, cfg.label(series.name)) if dist.is_main else None)
+    if announce is not None and dist.is_main:
         announce(run_dir)
     result = train(cfg, run_dir, resume=bool(resume_dir), quiet=quiet)
+    if not dist.is_main:
+        return None  # rank 0 alone evaluates, forecasts and writes
     model, ds, history = result.model.cpu(), result.dataset, result.history
     fc = forecast_series(model, cfg.arch, cfg.pe, series.values, cfg.time_steps, positions=cfg.positions,
                          cache=cache, normalizer=ds.normalizer)

@@ -74,7 +74,9 @@ def _native_ok(dtypes_cpu, *tensors: torch.Tensor) -> bool:
 # apply_rope
 def apply_rope(x: torch.Tensor, offset=0, base: float = 10000.0) -> torch.Tensor:
     """Rotate interleaved pairs (2i, 2i+1) of ``x`` ``(B, H, T, d)`` or ``(B, T, d)`` by angle
-    ``(offset + t) * base^(-2i/d)``. ``offset``: a Python int or a per-batch integer tensor."""
+    ``(offset + t) * base^(-2i/d)``. ``offset``: a Python int or a per-batch integer tensor.
+
+    A pair holding NaN or inf comes out non-finite (inf * 0 is NaN); other pairs are unaffected."""
     _check_tensor("x", x, (3, 4), "(B, H, T, d) or (B, T, d)")
     d = x.shape[-1]
     if d % 2:
@@ -112,6 +114,12 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     Query i (position ``q_offset + i``) sees key j (position ``k_offset + j``) iff
     ``k_offset + j <= q_offset + i`` when ``causal``; a query that sees no key outputs zeros.
     Offsets are Python ints or per-batch integer tensors. ``scale`` defaults to ``1/sqrt(d)``.
+
+    Non-finite values: rows whose visible keys, own query and head's values are finite are
+    exact. A non-finite value row makes every row of its head non-finite, masked or not (masked
+    weights are 0 and 0 * NaN is NaN). A row whose scores are NaN is NaN in the reference, but
+    the native CPU kernel returns it finite (known defect, docs/reliability.md): check inputs
+    with ``torch.isfinite`` where that matters.
     """
     _check_tensor("q", q, (4,), "(B, Hq, Tq, d)")
     _check_tensor("k", k, (4,), "(Bk, Hk, Tk, d)")

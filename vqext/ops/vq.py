@@ -62,6 +62,11 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, metric: str = "l2"):
         score in ``x.dtype``. Both carry no gradient. float32/float64 everywhere (float16/bfloat16
         are searched in float32 on the CPU); float16/bfloat16 accumulate in float32 on CUDA.
         Memory is O(N + K): the N x K distance matrix is never formed.
+
+    Non-finite values: the index is always in ``[0, K)``. A vector of ``x`` holding NaN gets a
+    NaN (or inf) score and an unspecified valid index. The native kernels never choose a code
+    holding NaN over a finite one; the reference (``torch.min``/``max``) returns the NaN code.
+    See docs/reliability.md.
     """
     _validate(x, codebook, metric)
     if x.requires_grad:

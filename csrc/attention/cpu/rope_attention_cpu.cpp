@@ -407,9 +407,12 @@ void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, c
   const int64_t nkb = (pr.Tk + BK - 1) / BK;
   const int64_t tq4 = round_up(pr.Tq, 4);
   const A scale = static_cast<A>(pr.scale);
+  // A query tile starts at the first row that sees the key block (any row, not a multiple of 4)
+  // and spans mq = round_up(nq, 4) rows, so it can run up to 3 rows past the last group's staged
+  // rows: those padding rows stay zero (found by the ASan build, .ci/sanitize.sh).
+  const int64_t staged = (pr.group * tq4 + 3) * dp;
   at::parallel_for(0, pr.B * pr.Hk, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<A> Qs(pr.group * tq4 * dp), dO(pr.group * tq4 * dp), dQ(pr.group * tq4 * dp), L(pr.group * tq4),
-        Dv(pr.group * tq4);
+    std::vector<A> Qs(staged), dO(staged), dQ(staged), L(pr.group * tq4), Dv(pr.group * tq4);
     std::vector<A> KT(dp * BK), Kr(BK * dp), VT(dp * BK), S(BQ * BK), dP(BQ * BK), dKT(dp * BK), dVT(dp * BK);
     const int64_t tid = pr.Bk == 1 ? at::get_thread_num() : 0;
     TORCH_CHECK(tid < nthreads, "rope_attention backward: unexpected thread index");
