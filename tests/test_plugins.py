@@ -40,7 +40,9 @@ def baselines(tmp_path, monkeypatch):
 def test_plugin_declares_itself_only_through_entry_points():
     project = plugin_project()
     assert any(dep.startswith("vqext") for dep in project["dependencies"])
-    assert project["entry-points"]["vqext.architectures"] == {"lstm": "vqext_baselines.lstm:LSTMForecaster"}
+    assert project["entry-points"]["vqext.architectures"] == {"lstm": "vqext_baselines.lstm:LSTMForecaster",
+                                                              "repeat_last": "vqext_baselines.naive:RepeatLast",
+                                                              "window_mean": "vqext_baselines.naive:WindowMean"}
     assert set(project["entry-points"]["vqext.positional_encodings"]) == {"learned"}
 
 

@@ -6,7 +6,8 @@ once finished, ``metrics.json`` and plots. Every file is written atomically.
 
 The checkpoint holds everything an exact resume needs: model and optimizer state, the number of
 finished epochs, the loss history, the torch (CPU and CUDA), numpy and Python RNG states and the
-state of the generator that shuffles the training windows. Resuming after epoch ``e`` therefore
+state of the generator that shuffles the training windows and draws the input noise. The
+learning rate is a function of the step count (epoch x steps per epoch), so it resumes exactly too. Resuming after epoch ``e`` therefore
 gives the same numbers as an uninterrupted run (CPU, same thread count).
 
 Checkpoint file format: one ASCII header line ``VQEXT-CKPT 1 sha256=<hex> bytes=<n>`` followed by
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from . import config as C
+from . import objectives
 from .data import Dataset, check_length, load_series, prepare
 from .errors import DataError, VqextError
 
@@ -155,7 +157,8 @@ def train(cfg: C.RunConfig, run_dir: str, *, resume: bool = False, quiet: bool =
     seed_everything(cfg.seed)
     model = build_model(cfg).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    # A model with nothing to train (a naive baseline) is only evaluated.
+    optimizer = torch.optim.Adam(params, lr=cfg.lr) if params else None
     shuffle = torch.Generator().manual_seed(cfg.seed)
     history: list[dict] = []
     start_epoch = 0
@@ -167,7 +170,8 @@ def train(cfg: C.RunConfig, run_dir: str, *, resume: bool = False, quiet: bool =
     if resume:
         ckpt = load_checkpoint(ckpt_path)
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if optimizer is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
         history = [json.loads(line) for line in ckpt["history"]]
         start_epoch = int(ckpt["epoch"])
         _restore_rng(ckpt["rng"], shuffle)
@@ -176,6 +180,8 @@ def train(cfg: C.RunConfig, run_dir: str, *, resume: bool = False, quiet: bool =
 
     train_idx = torch.as_tensor(ds.train_idx, dtype=torch.long)
     x_all, y_all = ds.x.to(device), ds.y.to(device)
+    steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
     t0 = time.perf_counter()
     epochs = range(start_epoch, cfg.epochs)
     bar = None
@@ -192,18 +198,22 @@ def train(cfg: C.RunConfig, run_dir: str, *, resume: bool = False, quiet: bool =
             for b in range(0, len(order), cfg.batch_size):
                 sel = order[b:b + cfg.batch_size]
                 x, y = x_all[sel.to(device)], y_all[sel.to(device)]
-                pred = model(x, start_pos=window_start_pos(cfg, sel.to(device)))
-                loss = torch.nn.functional.mse_loss(pred.float(), y)
-                aux = getattr(model, "aux_loss", None)  # hard VQ: codebook + commitment loss
-                if isinstance(aux, torch.Tensor) and aux.requires_grad:
-                    loss = loss + aux
+                x = objectives.noisy(x, cfg.input_noise, shuffle)
+                step = epoch * steps_per_epoch + b // cfg.batch_size
+                with torch.set_grad_enabled(optimizer is not None):
+                    loss = objectives.training_loss(model, x, y, window_start_pos(cfg, sel.to(device)), cfg)
                 if not torch.isfinite(loss.detach()):
                     raise TrainingError(
                         f"training loss became {float(loss.detach())} at epoch {epoch + 1}, batch {b // cfg.batch_size + 1}; "
                         f"lower --lr (now {cfg.lr:g}) or check the data")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                if optimizer is not None:
+                    for group in optimizer.param_groups:
+                        group["lr"] = objectives.learning_rate(cfg, step, total_steps)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    optimizer.step()
                 loss_sum += float(loss.detach()) * len(sel)
                 seen += len(sel)
             val_loss = evaluate(model, ds, ds.val_idx, cfg, device)
@@ -213,7 +223,7 @@ def train(cfg: C.RunConfig, run_dir: str, *, resume: bool = False, quiet: bool =
             lines = [json.dumps(r, sort_keys=True) for r in history]
             save_checkpoint(ckpt_path, {
                 "format": 1, "epoch": epoch + 1, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "history": lines, "rng": _rng_state(shuffle),
+                "optimizer": optimizer.state_dict() if optimizer is not None else {}, "history": lines, "rng": _rng_state(shuffle),
                 "config": json.dumps(cfg.to_dict()), "normalizer": ds.normalizer.to_dict(),
             })
             C.atomic_write_text(os.path.join(run_dir, C.HISTORY_FILE), "\n".join(lines) + "\n")
