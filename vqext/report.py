@@ -268,14 +268,14 @@ def build_tables(runs: list[dict], title: str = "Results") -> Tables:
     w = csv.writer(out, lineterminator="\n")
     w.writerow(["file", "arch", "pe", "seed", "hparams", "val_loss", "best_val_loss", "regressive_mse",
                 "regressive_mae", "batch_mse", "batch_mae", "noise_floor_variance", "batch_mse_over_noise_floor",
-                "train_seconds", "data"])
+                "train_seconds", "data"] + [f"regressive_mse_on_{name}" for name in others])
     for m in runs:
         f = m["forecast"]
         hp = ";".join(f"{k}={v}" for k, v in sorted(m["hparams"].items()))
         w.writerow([run_name(m), m["arch"], m["pe"], m["seed"], hp, repr(m["val_loss"]), repr(m["best_val_loss"]),
                     repr(f["regressive"]["mse"]), repr(f["regressive"]["mae"]), repr(f["batch"]["mse"]),
                     repr(f["batch"]["mae"]), repr(m["noise_floor"]["variance"]), repr(_noise_ratio(m)),
-                    m.get("train_seconds"), m["data"]])
+                    m.get("train_seconds"), m["data"]] + [repr(_other_mse(m, name)) for name in others])
     return Tables(runs, "\n".join(md) + "\n", out.getvalue(), aggregated)
 
 
