@@ -3,9 +3,9 @@
 Trains it with one seed on ``<repo>/../shared/data/y+w.csv`` (override the folder with
 ``VQEXT_SHARED_DATA``) exactly as ``vqext run --data ../shared/data/y+w.csv --seed 0`` does, and
 checks the validation loss and the regressive error. The thresholds are loose enough to pass on
-every seed measured for docs/results.md (val loss 0.0135-0.0142, regressive MSE 1,100-1,800
-(ug/m³)² there); they catch a recommendation that silently stopped working, not a small drift.
-About 1.5-3 minutes on 2 cores.
+every seed measured for docs/results.md (seeds 0-2: val loss 0.0137-0.0139, regressive MSE
+1,380-1,880 (ug/m³)²); they catch a recommendation that silently stopped working, not a small drift.
+About 65 CPU seconds (training, both forecasts and plots); 1-2 minutes on a quiet 2-core machine.
 """
 import glob
 import json
