@@ -78,7 +78,7 @@ def test_run_without_arch_trains_the_recommended_configuration(tmp_path):
     assert (cfg["arch"], cfg["pe"]) == ("vqformer", "rope")
     given = {"epochs": 2, "batch_size": 8}  # TINY sets these; the rest is the recommendation
     assert {k: cfg[k] for k in VQFormer.recommended_training} == {**VQFormer.recommended_training, **given}
-    assert "cosine0.05_clip1_noise0.1_last1x16_pf1" in run_dir
+    assert "cosine0.05_clip1_noise0.1_last1x16_pf2" in run_dir
 
 
 def test_training_flags_override_the_recommendation(tmp_path):

@@ -290,7 +290,7 @@ def test_vqformer_defaults_are_the_recommendation():
     assert (hp["d_model"], hp["heads"], hp["depth"], hp["vocab_size"]) == (64, 4, 2, 64)
     assert hp["residual"] and hp["codebook_projections"] and not hp["freeze_codebook"]
     assert model.ar_skip.kernel_size == (96,) and model.blocks[0].quantize.codes.scale == pytest.approx(0.25)
-    assert VQFormer.recommended_pe == "rope" and VQFormer.recommended_training["pushforward"] == 1
+    assert VQFormer.recommended_pe == "rope" and VQFormer.recommended_training["pushforward"] == 2
 
 
 @pytest.mark.parametrize("hp, message", [(dict(ar_skip=-1), "ar_skip must be None"),

@@ -99,7 +99,7 @@ class VQFormer(ForecastModel):
     #: Training settings measured with the defaults above (docs/results.md); used where not given.
     recommended_training: ClassVar[dict] = dict(
         epochs=40, lr=3e-3, batch_size=32, lr_schedule="cosine", warmup=0.05, grad_clip=1.0,
-        input_noise=0.1, last_weight=1.0, last_k=16, pushforward=1)
+        input_noise=0.1, last_weight=1.0, last_k=16, pushforward=2)
 
     @classmethod
     def validate(cls, pe: str, **hparams) -> None:
