@@ -3,9 +3,10 @@
 Trains it with one seed on ``<repo>/../shared/data/y+w.csv`` (override the folder with
 ``VQEXT_SHARED_DATA``) exactly as ``vqext run --data ../shared/data/y+w.csv --seed 0`` does, and
 checks the validation loss and the regressive error. The thresholds are loose enough to pass on
-every seed measured for docs/results.md (seeds 0-2: val loss 0.0137-0.0139, regressive MSE
-1,380-1,880 (ug/m³)²); they catch a recommendation that silently stopped working, not a small drift.
-About 65 CPU seconds (training, both forecasts and plots); 1-2 minutes on a quiet 2-core machine.
+every seed measured for docs/results.md (seeds 0-2: val loss 0.0142-0.0149, regressive MSE
+1,140-1,210 (ug/m³)²; with one pushforward pass 0.0137-0.0139 and 1,380-1,880); they catch a
+recommendation that silently stopped working, not a small drift. About 95 CPU seconds (training,
+the forecasts and plots); 1.5-2 minutes on a quiet 2-core machine.
 """
 import glob
 import json
