@@ -68,6 +68,29 @@ def test_bad_option_values_are_usage_errors(tmp_path, monkeypatch):
         assert "Traceback" not in r.output
 
 
+def test_run_without_arch_trains_the_recommended_configuration(tmp_path):
+    from vqext.models.vqformer import VQFormer
+
+    r = invoke("run", "--d-model", "8", "--heads", "2", "--depth", "1", *TINY, "--out", str(tmp_path))
+    assert r.exit_code == 0, r.output
+    (run_dir,) = glob.glob(str(tmp_path / "*" / "*"))
+    cfg = json.load(open(os.path.join(run_dir, "config.json")))
+    assert (cfg["arch"], cfg["pe"]) == ("vqformer", "rope")
+    given = {"epochs": 2, "batch_size": 8}  # TINY sets these; the rest is the recommendation
+    assert {k: cfg[k] for k in VQFormer.recommended_training} == {**VQFormer.recommended_training, **given}
+    assert "cosine0.05_clip1_noise0.1_last1x16_pf2" in run_dir
+
+
+def test_training_flags_override_the_recommendation(tmp_path):
+    r = invoke("run", "--arch", "mhvqlnmlp", "--pe", "none", "--heads", "2", *TINY, "--lr-schedule", "cosine",
+               "--warmup", "0.1", "--input-noise", "0.05", "--pushforward", "1", "--out", str(tmp_path))
+    assert r.exit_code == 0, r.output
+    (run_dir,) = glob.glob(str(tmp_path / "*" / "*"))
+    cfg = json.load(open(os.path.join(run_dir, "config.json")))
+    assert (cfg["lr_schedule"], cfg["warmup"], cfg["input_noise"], cfg["pushforward"], cfg["lr"]) == \
+        ("cosine", 0.1, 0.05, 1, 0.007)
+
+
 def _rows(csv_path):
     with open(csv_path) as fh:
         return sorted((r["arch"], r["pe"], r["seed"], r["val_loss"]) for r in csv.DictReader(fh))
@@ -78,6 +101,7 @@ def test_sweep_shards_cover_the_grid_and_report_merges(tmp_path):
     r = invoke("sweep", *grid, "--out", str(tmp_path / "whole"))
     assert r.exit_code == 0, r.output
     assert "Across seeds" in r.output and "Median loss" in r.output
+    assert "Worst regressive MSE (seed)" in r.output and "Worst / median" in r.output
     (whole_csv,) = glob.glob(str(tmp_path / "whole" / "sweep-*.csv"))
     for i in (1, 2):
         r = invoke("sweep", *grid, "--shard", f"{i}/2", "--out", str(tmp_path / f"shard{i}"))

@@ -240,3 +240,70 @@ def test_hard_quantizer_codebook_freezes_and_reports_codes(arch):
     if arch != "vqformer":
         idx = learned.code_indices(torch.randn(2, 12, 1))
         assert idx.shape == (2, 12, 1 if arch == "vqlnmlp" else 2)
+
+
+# ------------------------------------------------------- VQFormer output options (the recommendation)
+def _with_ar_weights(model):
+    torch.nn.init.normal_(model.ar_skip.weight, std=0.3)
+    torch.nn.init.normal_(model.ar_skip.bias)
+    return model
+
+
+@pytest.mark.parametrize("ar_skip", [None, 5])
+def test_vqformer_ar_skip_cached_decode_equals_forward(ar_skip):
+    torch.manual_seed(3)
+    model = _with_ar_weights(vqext.create_model("vqformer", "rope", **small("vqformer", time_steps=12,
+                                                                             ar_skip=ar_skip)))
+    x = torch.randn(2, 20, 1)
+    cache = model.init_cache(2)
+    steps = torch.cat([model.step(x[:, t:t + 1], cache) for t in range(20)], 1)
+    assert rel_err(steps, model(x)) <= 1e-5
+
+
+def test_vqformer_ar_skip_sliding_window_equals_recomputing():
+    torch.manual_seed(4)
+    model = _with_ar_weights(vqext.create_model("vqformer", "rope", **small("vqformer", depth=1)))
+    x = torch.randn(2, 20, 1)
+    cache = model.init_cache(2, max_len=6)
+    for t in range(20):
+        first = max(0, t - 5)
+        assert rel_err(model.step(x[:, t:t + 1], cache), model(x[:, first:t + 1], start_pos=first)[:, -1:]) <= 1e-5
+
+
+def test_vqformer_residual_and_skip_start_from_the_input():
+    torch.manual_seed(5)
+    model = vqext.create_model("vqformer", "rope", **small("vqformer"))
+    for p in model.decoder.parameters():
+        torch.nn.init.zeros_(p)
+    x = torch.randn(2, 12, 1)
+    assert torch.equal(model(x), x)  # residual target: output = input + (zero network + zero AR path)
+    plain = vqext.create_model("vqformer", "rope", **small("vqformer", residual=False, ar_skip=0,
+                                                           codebook_projections=False))
+    assert plain.ar_skip is None and isinstance(plain.blocks[0].code_in, torch.nn.Identity)
+
+
+def test_vqformer_defaults_are_the_recommendation():
+    from vqext.models.vqformer import VQFormer
+
+    model = vqext.create_model("vqformer", "rope")
+    hp = model.hparams
+    assert (hp["d_model"], hp["heads"], hp["depth"], hp["vocab_size"]) == (64, 4, 2, 64)
+    assert hp["residual"] and hp["codebook_projections"] and not hp["freeze_codebook"]
+    assert model.ar_skip.kernel_size == (96,) and model.blocks[0].quantize.codes.scale == pytest.approx(0.25)
+    assert VQFormer.recommended_pe == "rope" and VQFormer.recommended_training["pushforward"] == 2
+
+
+@pytest.mark.parametrize("hp, message", [(dict(ar_skip=-1), "ar_skip must be None"),
+                                         (dict(residual="yes"), "residual must be true or false"),
+                                         (dict(codebook_projections=1), "codebook_projections must be true")])
+def test_vqformer_rejects_bad_output_options(hp, message):
+    with pytest.raises(VqextError, match=message):
+        vqext.create_model("vqformer", "rope", **small("vqformer", **hp))
+
+
+def test_vqformer_step_needs_its_own_cache():
+    from vqext.nn.kv_cache import KVCache
+
+    model = vqext.create_model("vqformer", "rope", **small("vqformer"))
+    with pytest.raises(ValueError, match="needs the inputs held by a VQFormerCache"):
+        model.step(torch.randn(1, 1, 1), KVCache(2))

@@ -40,7 +40,9 @@ def baselines(tmp_path, monkeypatch):
 def test_plugin_declares_itself_only_through_entry_points():
     project = plugin_project()
     assert any(dep.startswith("vqext") for dep in project["dependencies"])
-    assert project["entry-points"]["vqext.architectures"] == {"lstm": "vqext_baselines.lstm:LSTMForecaster"}
+    assert project["entry-points"]["vqext.architectures"] == {"lstm": "vqext_baselines.lstm:LSTMForecaster",
+                                                              "repeat_last": "vqext_baselines.naive:RepeatLast",
+                                                              "window_mean": "vqext_baselines.naive:WindowMean"}
     assert set(project["entry-points"]["vqext.positional_encodings"]) == {"learned"}
 
 
@@ -67,6 +69,22 @@ def test_lstm_is_the_seed_baseline_and_trains(baselines):
     torch.manual_seed(0)
     model = vqext.create_model("lstm", "learned", hidden_size=16, num_layers=2, time_steps=24)
     assert _train_loss_drops(model, 24)
+
+
+def test_naive_baselines_are_evaluated_without_training(baselines, tmp_path):
+    from vqext import config as C
+    from vqext.train import run_experiment
+
+    x = torch.tensor([[1.0], [3.0], [2.0], [6.0]]).unsqueeze(0)
+    assert torch.equal(vqext.create_model("repeat_last")(x), x)
+    assert torch.allclose(vqext.create_model("window_mean")(x).flatten(), torch.tensor([1.0, 2.0, 2.0, 3.0]))
+    cfg = C.RunConfig(arch="repeat_last", hparams={"time_steps": 8}, data="synthetic:sine:60", time_steps=8,
+                      epochs=1, device="cpu")
+    m = run_experiment(cfg, str(tmp_path), quiet=True)
+    values = vqext.data.load_series("synthetic:sine:60").values
+    truth = values[8:]
+    assert m["forecast"]["batch"]["mse"] == pytest.approx(float(((values[7:-1] - truth) ** 2).mean()), rel=1e-5)
+    assert m["forecast"]["regressive"]["mse"] == pytest.approx(float(((values[7] - truth) ** 2).mean()), rel=1e-5)
 
 
 def test_learned_encoding_works_with_builtin_archs(baselines):

@@ -132,3 +132,90 @@ def test_run_experiment_writes_a_complete_run_dir(tmp_path):
     cfg = json.load(open(os.path.join(m["run"], "config.json")))
     assert cfg["hparams"]["vocab_size"] == 16 and cfg["arch"] == "mhvqlnmlp"
     assert os.path.basename(os.path.dirname(m["run"])).startswith("mhvqlnmlp_rope_vs16_dm8_nh2_syn_sine_ts8_lr0.01_s0")
+
+
+# ------------------------------------------------------------- objectives and the recommendation
+RECOMMENDED_OBJECTIVE = dict(lr_schedule="cosine", warmup=0.2, grad_clip=1.0, input_noise=0.1, last_weight=1.0,
+                             last_k=4, pushforward=1)
+
+
+def test_resume_is_exact_with_noise_schedule_and_pushforward(tmp_path):
+    cfg = lambda: tiny_config(arch="vqformer", epochs=4, **RECOMMENDED_OBJECTIVE)  # noqa: E731
+    full = train(cfg(), str(tmp_path / "full"), quiet=True)
+    part_dir = str(tmp_path / "part")
+    train(cfg(), part_dir, quiet=True, stop_after_epoch=2)
+    torch.manual_seed(999)  # the resuming process starts with other RNG states
+    resumed = train(cfg(), part_dir, quiet=True, resume=True)
+    assert strip_time(resumed.history) == strip_time(full.history)
+    plain = train(tiny_config(arch="vqformer", epochs=4), str(tmp_path / "plain"), quiet=True)
+    assert strip_time(plain.history) != strip_time(full.history)
+
+
+def test_learning_rate_schedules():
+    from vqext.objectives import learning_rate
+
+    const = C.RunConfig(arch="x", lr=0.01)
+    assert [learning_rate(const, s, 10) for s in (0, 9)] == [0.01, 0.01]
+    cos = C.RunConfig(arch="x", lr=0.01, lr_schedule="cosine", warmup=0.2)
+    lrs = [learning_rate(cos, s, 10) for s in range(10)]
+    assert lrs[0] == pytest.approx(0.005) and lrs[1] == pytest.approx(0.01)  # 2 warmup steps
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:])) and lrs[-1] < 0.001
+
+
+def test_objective_terms_add_up():
+    from vqext.objectives import training_loss
+
+    import vqext
+
+    torch.manual_seed(0)
+    model = vqext.create_model("vqformer", "rope", time_steps=8, **TINY["vqformer"])
+    x, y = torch.randn(4, 8, 1), torch.randn(4, 8, 1)
+    base = float(training_loss(model, x, y, 0, C.RunConfig(arch="vqformer")).detach())
+    pred = model(x)
+    pred = pred.detach()
+    assert base == pytest.approx(float(torch.nn.functional.mse_loss(pred, y)), rel=1e-6)
+    last = float(training_loss(model, x, y, 0, C.RunConfig(arch="vqformer", last_weight=2.0, last_k=3)).detach())
+    assert last == pytest.approx(base + 2.0 * float(torch.nn.functional.mse_loss(pred[:, -3:], y[:, -3:])), rel=1e-6)
+    fed = torch.cat((x[:, :1], pred.detach()[:, :-1]), 1)
+    pf = float(training_loss(model, x, y, 0, C.RunConfig(arch="vqformer", pushforward=1)).detach())
+    assert pf == pytest.approx(base + float(torch.nn.functional.mse_loss(model(fed), y).detach()), rel=1e-6)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("lr_schedule", "linear", "--lr-schedule must be one of constant, cosine"),
+    ("warmup", 1.0, "--warmup is a fraction"), ("input_noise", -0.1, "--input-noise must be >= 0"),
+    ("last_k", 0, "--last-k must be at least 1"), ("pushforward", -1, "--pushforward must be >= 0")])
+def test_bad_training_settings_are_named(field, value, message):
+    from vqext.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        C.RunConfig(arch="x", **{field: value}).validate()
+
+
+def test_training_settings_come_from_the_user_then_the_architecture_then_vqext():
+    from vqext.models.vqformer import VQFormer
+
+    rec = C.resolve_training("vqformer")
+    assert {k: rec[k] for k in VQFormer.recommended_training} == VQFormer.recommended_training
+    assert C.resolve_training("vqformer", epochs=3, input_noise=0.0)["epochs"] == 3
+    assert C.resolve_training("vqformer", input_noise=0.0)["input_noise"] == 0.0
+    assert C.resolve_training("mhvqlnmlp") == C.TRAINING_DEFAULTS  # the seed's training
+
+
+def test_model_without_parameters_is_evaluated_only(tmp_path):
+    class RepeatLast(torch.nn.Module):
+        def forward(self, x, start_pos=0):
+            return x.clone()
+
+    import vqext.train as T
+
+    cfg = tiny_config(epochs=2)
+    orig = T.build_model
+    try:
+        T.build_model = lambda c: RepeatLast()
+        res = train(cfg, str(tmp_path), quiet=True)
+    finally:
+        T.build_model = orig
+    ds = res.dataset
+    expected = float(((ds.x[ds.val_idx] - ds.y[ds.val_idx]) ** 2).mean())
+    assert res.history[-1]["val_loss"] == pytest.approx(expected, rel=1e-6)

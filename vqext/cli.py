@@ -176,9 +176,22 @@ def _common_training_options(sweep: bool):
             click.option("--column", default=None, help="CSV column name or 0-based index (default: last numeric)."),
             click.option("--time-steps", "-T", type=int, default=None,
                          help="window length T (default: 96, or a quarter of a short series)."),
-            click.option("--epochs", type=int, default=50, show_default=True),
-            click.option("--lr", type=float, default=0.007, show_default=True, help="Adam learning rate."),
-            click.option("--batch-size", type=int, default=32, show_default=True),
+            click.option("--epochs", type=int, default=None,
+                         help="training epochs (default: the architecture's recommendation, else 50)."),
+            click.option("--lr", type=float, default=None,
+                         help="Adam learning rate (default: the architecture's recommendation, else 0.007)."),
+            click.option("--batch-size", type=int, default=None, help="default: recommendation, else 32."),
+            click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default=None,
+                         help="learning-rate schedule (default: recommendation, else constant)."),
+            click.option("--warmup", type=float, default=None, help="cosine: linear warmup, fraction of all steps."),
+            click.option("--grad-clip", type=float, default=None, help="max gradient norm (0: off)."),
+            click.option("--input-noise", type=float, default=None,
+                         help="std of Gaussian noise on training inputs, normalised units (0: off)."),
+            click.option("--last-weight", type=float, default=None,
+                         help="extra loss weight on the last --last-k steps of each window (0: off)."),
+            click.option("--last-k", type=int, default=None, help="steps that --last-weight covers (16)."),
+            click.option("--pushforward", type=int, default=None,
+                         help="extra passes on the model's own detached predictions (0: off)."),
             click.option("--split", type=click.Choice(["random", "chronological"]), default="random", show_default=True,
                          help="train/validation split of the windows (random: seeded 80/20 like the seed)."),
             click.option("--split-seed", type=int, default=42, show_default=True),
@@ -197,8 +210,10 @@ def _common_training_options(sweep: bool):
                      click.option("--seeds", default="0", show_default=True, help="comma-separated seeds."),
                      click.option("--freeze-codebook", default=None, help="comma-separated true/false.")]
         else:
-            opts += [click.option("--arch", default=None, help="architecture (see `vqext list`); required unless --resume."),
-                     click.option("--pe", default="none", show_default=True, help="positional encoding."),
+            opts += [click.option("--arch", default=None,
+                                  help=f"architecture (see `vqext list`; default: the recommended {DEFAULT_ARCH})."),
+                     click.option("--pe", default=None,
+                                  help="positional encoding (default: the architecture's recommended one, else none)."),
                      click.option("--seed", type=int, default=0, show_default=True),
                      click.option("--freeze-codebook/--train-codebook", default=None,
                                   help="keep the codebook fixed at its initialisation (the seed's setting).")]
@@ -231,8 +246,11 @@ def _parse_list(text, typ, flag):
     return out
 
 
+DEFAULT_ARCH = "vqformer"  # `vqext run` without --arch: the recommended configuration (docs/results.md)
+
+
 def _make_config(arch, pe, user_hparams, kw, seed):
-    from .config import RunConfig
+    from .config import TRAINING_DEFAULTS, RunConfig, resolve_training
     from .data import default_time_steps, load_series
     from .registry import resolve_hparams
 
@@ -240,10 +258,10 @@ def _make_config(arch, pe, user_hparams, kw, seed):
     if time_steps is None:
         time_steps = default_time_steps(len(load_series(kw["data"], kw["column"])))
     resolved = resolve_hparams(arch, pe, time_steps=time_steps, **user_hparams)
+    training = resolve_training(arch, **{k: kw.get(k) for k in TRAINING_DEFAULTS})
     cfg = RunConfig(arch=arch, pe=pe, hparams=resolved, user_hparams=dict(user_hparams), data=kw["data"],
-                    column=kw["column"], time_steps=time_steps, epochs=kw["epochs"], lr=kw["lr"],
-                    batch_size=kw["batch_size"], seed=seed, split=kw["split"], split_seed=kw["split_seed"],
-                    positions=kw["positions"], device=kw["device"])
+                    column=kw["column"], time_steps=time_steps, seed=seed, split=kw["split"],
+                    split_seed=kw["split_seed"], positions=kw["positions"], device=kw["device"], **training)
     cfg.validate()
     return cfg
 
@@ -272,8 +290,13 @@ def run(arch, pe, seed, freeze_codebook, resume_dir, quiet, out, cache, **kw):
     Writes one run directory OUT/<settings>/<timestamp>/ with config.json, metrics.jsonl,
     metrics.json, checkpoint.pt, forecast.csv and plots (PNG).
 
+    Without --arch (and hyper-parameters) it trains the recommended configuration: vqformer with
+    rope and its recommended training (docs/results.md). Training settings not given come from the
+    architecture's recommendation, else vqext's defaults (the seed's training).
+
     \b
     Examples:
+      vqext run --data ../shared/data/y+w.csv
       vqext run --arch mhvqlnmlp --pe rope
       vqext run --arch vqlnmlp --pe none --data ../shared/data/y+w.csv --epochs 50 --vocab-size 512
       vqext run --arch vqformer --pe rope --depth 2 --data synthetic:sine --epochs 5 --quiet
@@ -284,9 +307,13 @@ def run(arch, pe, seed, freeze_codebook, resume_dir, quiet, out, cache, **kw):
 
     if resume_dir:
         cfg = RunConfig.from_dict(read_json(os.path.join(resume_dir, "config.json"), "run config"))
-    elif not arch:
-        raise click.UsageError("Missing option '--arch' (or give --resume DIR).")
     else:
+        if not arch:
+            arch = DEFAULT_ARCH
+        if pe is None:
+            from .registry import get_arch
+
+            pe = getattr(get_arch(arch), "recommended_pe", None) or "none"
         user = {k: kw[k] for k in _HPARAM_OPTIONS if kw.get(k) is not None}
         if freeze_codebook is not None:
             user["freeze_codebook"] = freeze_codebook

@@ -77,6 +77,15 @@ class RunConfig:
     split_seed: int = 42
     positions: str = "window"   # "window": each window starts at position 0 (the seed); "series"
     device: str = "auto"
+    # Training objective and schedule (vqext/objectives.py). These defaults are the seed's plain
+    # training; an architecture's ``recommended_training`` replaces them where the user gives none.
+    lr_schedule: str = "constant"  # or "cosine" (after a linear warmup of ``warmup`` x all steps)
+    warmup: float = 0.0
+    grad_clip: float = 0.0         # max gradient norm; 0 = no clipping
+    input_noise: float = 0.0       # std of Gaussian noise on training inputs (normalised units)
+    last_weight: float = 0.0       # loss += last_weight x MSE over the last ``last_k`` steps
+    last_k: int = 16
+    pushforward: int = 0           # extra passes on the model's own (detached) one-step predictions
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -91,6 +100,18 @@ class RunConfig:
             raise ConfigError(f"--split must be 'random' or 'chronological', got {self.split!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"--warmup is a fraction of all steps in [0, 1), got {self.warmup}")
+        for flag, value in (("--grad-clip", self.grad_clip), ("--input-noise", self.input_noise),
+                            ("--last-weight", self.last_weight)):
+            if not value >= 0:
+                raise ConfigError(f"{flag} must be >= 0, got {value}")
+        if self.last_k < 1:
+            raise ConfigError(f"--last-k must be at least 1, got {self.last_k}")
+        if self.pushforward < 0:
+            raise ConfigError(f"--pushforward must be >= 0, got {self.pushforward}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -122,8 +143,51 @@ class RunConfig:
             parts.append(str(h["quantizer"]))
         if "freeze_codebook" in h and bool(h["freeze_codebook"]) != bool(defaults.get("freeze_codebook", False)):
             parts.append("fz" if h["freeze_codebook"] else "tcb")  # only when it differs from the arch's default
-        parts += [data_label, f"ts{self.time_steps}", f"lr{self.lr:g}", f"s{self.seed}"]
+        parts += [data_label, f"ts{self.time_steps}", f"lr{self.lr:g}"]
+        parts += training_tags(self)
+        parts.append(f"s{self.seed}")
         return "_".join(parts)
+
+
+LR_SCHEDULES = ("constant", "cosine")
+#: Training settings the user may leave to the architecture (``recommended_training``), with
+#: vqext's generic defaults (the seed's training).
+TRAINING_DEFAULTS = dict(epochs=50, lr=0.007, batch_size=32, lr_schedule="constant", warmup=0.0, grad_clip=0.0,
+                         input_noise=0.0, last_weight=0.0, last_k=16, pushforward=0)
+
+
+def resolve_training(arch: str, **given) -> dict:
+    """Training settings: what the user gave, else the architecture's recommendation, else vqext's default."""
+    recommended = {}
+    try:
+        from .registry import get_arch
+
+        recommended = dict(getattr(get_arch(arch), "recommended_training", {}) or {})
+    except Exception:  # noqa: BLE001 - an unknown architecture is reported when the model is resolved
+        pass
+    unknown = set(given) - set(TRAINING_DEFAULTS)
+    if unknown:
+        raise ConfigError(f"unknown training settings {sorted(unknown)}")
+    out = dict(TRAINING_DEFAULTS)
+    out.update({k: v for k, v in recommended.items() if k in TRAINING_DEFAULTS})
+    out.update({k: v for k, v in given.items() if v is not None})
+    return out
+
+
+def training_tags(cfg: "RunConfig") -> list[str]:
+    """Label parts for training settings that differ from the seed's plain training."""
+    tags = []
+    if cfg.lr_schedule != "constant":
+        tags.append(f"{cfg.lr_schedule}{cfg.warmup:g}" if cfg.warmup else cfg.lr_schedule)
+    if cfg.grad_clip:
+        tags.append(f"clip{cfg.grad_clip:g}")
+    if cfg.input_noise:
+        tags.append(f"noise{cfg.input_noise:g}")
+    if cfg.last_weight:
+        tags.append(f"last{cfg.last_weight:g}x{cfg.last_k}")
+    if cfg.pushforward:
+        tags.append(f"pf{cfg.pushforward}")
+    return tags
 
 
 def _arch_defaults(arch: str) -> dict:

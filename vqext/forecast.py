@@ -19,6 +19,7 @@ Positions (``start_pos``), for a series ``v[0..n-1]`` and window length ``T``:
 """
 from __future__ import annotations
 
+import itertools
 import warnings
 from dataclasses import dataclass
 
@@ -28,6 +29,13 @@ import torch
 from .data import Normalizer
 
 RELATIVE_PES = ("none", "rope")
+
+
+def model_device(model) -> torch.device:
+    """Where the model's tensors live (the CPU for a model without any, e.g. a naive baseline)."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
 def pe_is_absolute(pe: str) -> bool:
@@ -47,7 +55,7 @@ def _translation_invariant(model, time_steps: int) -> bool:
     """Whether shifting a window's positions leaves the last output unchanged (attention that only
     sees position differences). The seed's per-step models with rope are not: they see position t."""
     g = torch.Generator().manual_seed(0)
-    device = next(model.parameters()).device
+    device = model_device(model)
     x = torch.randn(1, time_steps, 1, generator=g).to(device)
     a = model(x, start_pos=0)[0, -1]
     b = model(x, start_pos=time_steps + 7)[0, -1]
@@ -97,7 +105,7 @@ def one_step(model, values: np.ndarray, time_steps: int, positions: str = "windo
     model.eval()
     v = torch.as_tensor(values, dtype=torch.float32)
     windows = v.unfold(0, time_steps, 1)[:-1]  # (n - T, T): window i = v[i..i+T-1]
-    device = next(model.parameters()).device
+    device = model_device(model)
     out = []
     for b in range(0, windows.shape[0], batch_size):
         x = windows[b:b + batch_size].unsqueeze(-1).to(device)
@@ -113,7 +121,7 @@ def regressive(model, values: np.ndarray, time_steps: int, horizon: int | None =
     model.eval()
     T = time_steps
     horizon = len(values) - T if horizon is None else int(horizon)
-    device = next(model.parameters()).device
+    device = model_device(model)
     context = torch.as_tensor(values[:T], dtype=torch.float32, device=device)
     preds = torch.empty(horizon, dtype=torch.float32, device=device)
     if horizon <= 0:

@@ -122,6 +122,7 @@ def find_runs(paths: list[str]) -> tuple[list[dict], list[str]]:
             m = C.read_json(os.path.join(dirpath, C.METRICS_FILE), "run metrics")
             _check_metrics(m, os.path.join(dirpath, C.METRICS_FILE))
             m["run"] = dirpath
+            m["other_forecasts"] = _other_forecasts(dirpath)
             runs.append(m)
     return runs, skipped
 
@@ -148,6 +149,18 @@ def _check_metrics(m, path: str) -> None:
             problems.append("'noise_floor' lacks variance/window")
     if problems:
         raise DataError(f"run metrics {path} is not a vqext metrics file: {'; '.join(problems)}")
+
+
+def _other_forecasts(run_dir: str) -> dict:
+    """``vqext forecast`` results kept in ``RUN/forecasts/<series>/metrics.json``, by series name."""
+    found = {}
+    root = os.path.join(run_dir, "forecasts")
+    if os.path.isdir(root):
+        for name in sorted(os.listdir(root)):
+            path = os.path.join(root, name, C.METRICS_FILE)
+            if os.path.isfile(path):
+                found[name] = C.read_json(path, "forecast metrics")
+    return found
 
 
 def run_name(m: dict) -> str:
@@ -185,22 +198,39 @@ class Tables:
     aggregated: list[dict] = field(default_factory=list)
 
 
-def _noise_ratio(m: dict) -> float:
+def _noise_ratio(m: dict, kind: str = "batch") -> float:
     var = m.get("noise_floor", {}).get("variance", float("nan"))
-    mse = m["forecast"]["batch"]["mse"]
+    mse = m["forecast"][kind]["mse"]
     return mse / var if var and var > 0 else float("nan")
+
+
+def _worst_over_median(values: list[float]) -> float:
+    med = statistics.median(values)
+    return max(values) / med if med > 0 else float("nan")
+
+
+def _other_mse(m: dict, name: str) -> float:
+    f = m.get("other_forecasts", {}).get(name)
+    return float(f["regressive"]["mse"]) if f else float("nan")
 
 
 def build_tables(runs: list[dict], title: str = "Results") -> Tables:
     runs = sorted(runs, key=lambda m: (m["val_loss"], run_name(m)))
     md = [f"# {title}", "", f"{len(runs)} runs, sorted by validation loss (normalised MSE on the validation windows).", ""]
-    header = ["File", "Loss", "Regressive MSE", "Regressive MAE", "One-step MSE", "One-step MSE / noise floor"]
+    others = sorted({name for m in runs for name in m.get("other_forecasts", {})})
+    header = (["File", "Loss", "Regressive MSE", "Regressive MAE", "One-step MSE", "One-step MSE / noise floor",
+               "Regressive MSE / noise floor"] + [f"Regressive MSE on {name}" for name in others])
     md.append(markdown_table(header, [[run_name(m), m["val_loss"], m["forecast"]["regressive"]["mse"],
                                        m["forecast"]["regressive"]["mae"], m["forecast"]["batch"]["mse"],
-                                       _noise_ratio(m)] for m in runs]))
+                                       _noise_ratio(m), _noise_ratio(m, "regressive")]
+                                      + [_other_mse(m, name) for name in others] for m in runs]))
+    if others:
+        md += ["", "Regressive MSE on another series: `vqext forecast --run RUN --data CSV` (normalised with "
+               "that series' own statistics), kept in RUN/forecasts/<series>/."]
     floors = {(m["data"], m["noise_floor"]["window"], round(m["noise_floor"]["variance"], 6)) for m in runs}
     md += ["", "Noise floor: variance of the series around its centred moving average "
-           "(errors below it are not meaningful; a one-step MSE ratio near 1 is as good as it gets):"]
+           "(errors below it are not meaningful; an MSE ratio near 1 is as good as it gets, and "
+           "ratio - 1 is roughly what is left to gain):"]
     md += [f"- {d}: moving average of {w} points, variance {v:.6g}" for d, w, v in sorted(floors)]
 
     groups: dict[str, list[dict]] = {}
@@ -210,17 +240,39 @@ def build_tables(runs: list[dict], title: str = "Results") -> Tables:
     for key, ms in groups.items():
         losses = [m["val_loss"] for m in ms]
         reg = [m["forecast"]["regressive"]["mse"] for m in ms]
-        aggregated.append({"config": key, "arch": ms[0]["arch"], "pe": ms[0]["pe"], "seeds": len(ms),
-                           "median": statistics.median(losses), "mean": statistics.fmean(losses),
-                           "spread": statistics.stdev(losses) if len(ms) > 1 else 0.0, "worst": max(losses),
-                           "regressive_median": statistics.median(reg)})
+        row = {"config": key, "arch": ms[0]["arch"], "pe": ms[0]["pe"], "seeds": len(ms),
+               "median": statistics.median(losses), "mean": statistics.fmean(losses),
+               "spread": statistics.stdev(losses) if len(ms) > 1 else 0.0, "worst": max(losses),
+               "worst_seed": ms[losses.index(max(losses))].get("seed"),
+               "regressive_median": statistics.median(reg), "regressive_mean": statistics.fmean(reg),
+               "regressive_spread": statistics.stdev(reg) if len(ms) > 1 else 0.0,
+               "regressive_worst": max(reg), "regressive_worst_seed": ms[reg.index(max(reg))].get("seed"),
+               "regressive_worst_over_median": _worst_over_median(reg),
+               "regressive_median_over_floor": statistics.median(_noise_ratio(m, "regressive") for m in ms),
+               "train_seconds_median": statistics.median(float(m.get("train_seconds") or 0.0) for m in ms)}
+        for name in others:
+            vals = [v for v in (_other_mse(m, name) for m in ms) if isinstance(v, float) and not math.isnan(v)]
+            row[f"{name}_median"] = statistics.median(vals) if vals else float("nan")
+            row[f"{name}_worst"] = max(vals) if vals else float("nan")
+        aggregated.append(row)
     aggregated.sort(key=lambda a: (a["median"], a["config"]))
     if any(a["seeds"] > 1 for a in aggregated):
         md += ["", "## Across seeds", "",
-               markdown_table(["Config", "Seeds", "Median loss", "Mean loss", "Spread (std)", "Worst seed",
-                               "Median regressive MSE"],
-                              [[a["config"], a["seeds"], a["median"], a["mean"], a["spread"], a["worst"],
-                                a["regressive_median"]] for a in aggregated])]
+               "Median, mean, spread (std) and worst seed of the validation loss and the regressive MSE; "
+               "worst / median says how much a bad seed costs.", "",
+               markdown_table(["Config", "Seeds", "Median loss", "Mean loss", "Spread (std)", "Worst loss (seed)",
+                               "Median regressive MSE", "Mean regressive MSE", "Regressive spread (std)",
+                               "Worst regressive MSE (seed)", "Worst / median", "Median regressive / noise floor",
+                               "Median train s"]
+                              + [f"{name}: median / worst regressive MSE" for name in others],
+                              [[a["config"], a["seeds"], a["median"], a["mean"], a["spread"],
+                                f"{_fmt(a['worst'])} ({a['worst_seed']})", a["regressive_median"],
+                                a["regressive_mean"], a["regressive_spread"],
+                                f"{_fmt(a['regressive_worst'])} ({a['regressive_worst_seed']})",
+                                a["regressive_worst_over_median"], a["regressive_median_over_floor"],
+                                a["train_seconds_median"]]
+                               + [f"{_fmt(a[name + '_median'])} / {_fmt(a[name + '_worst'])}" for name in others]
+                               for a in aggregated])]
     # The seed's pivot: one row per architecture, one column per encoding (best config each).
     archs = sorted({a["arch"] for a in aggregated})
     pes = [p for p in PE_TITLES if any(a["pe"] == p for a in aggregated)]
@@ -241,14 +293,14 @@ def build_tables(runs: list[dict], title: str = "Results") -> Tables:
     w = csv.writer(out, lineterminator="\n")
     w.writerow(["file", "arch", "pe", "seed", "hparams", "val_loss", "best_val_loss", "regressive_mse",
                 "regressive_mae", "batch_mse", "batch_mae", "noise_floor_variance", "batch_mse_over_noise_floor",
-                "train_seconds", "data"])
+                "train_seconds", "data"] + [f"regressive_mse_on_{name}" for name in others])
     for m in runs:
         f = m["forecast"]
         hp = ";".join(f"{k}={v}" for k, v in sorted(m["hparams"].items()))
         w.writerow([run_name(m), m["arch"], m["pe"], m["seed"], hp, repr(m["val_loss"]), repr(m["best_val_loss"]),
                     repr(f["regressive"]["mse"]), repr(f["regressive"]["mae"]), repr(f["batch"]["mse"]),
                     repr(f["batch"]["mae"]), repr(m["noise_floor"]["variance"]), repr(_noise_ratio(m)),
-                    m.get("train_seconds"), m["data"]])
+                    m.get("train_seconds"), m["data"]] + [repr(_other_mse(m, name)) for name in others])
     return Tables(runs, "\n".join(md) + "\n", out.getvalue(), aggregated)
 
 

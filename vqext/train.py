@@ -6,7 +6,8 @@ once finished, ``metrics.json`` and plots. Every file is written atomically.
 
 The checkpoint holds everything an exact resume needs: model and optimizer state, the number of
 finished epochs, the loss history, the torch (CPU and CUDA), numpy and Python RNG states and the
-state of the generator that shuffles the training windows. Resuming after epoch ``e`` therefore
+state of the generator that shuffles the training windows and draws the input noise. The
+learning rate is a function of the step count (epoch x steps per epoch), so it resumes exactly too. Resuming after epoch ``e`` therefore
 gives the same numbers as an uninterrupted run (CPU, same thread count).
 
 Checkpoint file format: one ASCII header line ``VQEXT-CKPT 1 sha256=<hex> bytes=<n>`` followed by
@@ -29,6 +30,7 @@ import torch
 
 from . import config as C
 from . import distributed
+from . import objectives
 from .data import Dataset, check_length, load_series, prepare
 from .errors import DataError, VqextError
 
@@ -165,7 +167,8 @@ def train(cfg: C.RunConfig, run_dir: str, *, resume: bool = False, quiet: bool =
     seed_everything(cfg.seed)
     model = build_model(cfg).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    # A model with nothing to train (a naive baseline) is only evaluated.
+    optimizer = torch.optim.Adam(params, lr=cfg.lr) if params else None
     shuffle = torch.Generator().manual_seed(cfg.seed)
     history: list[dict] = []
     start_epoch = 0
@@ -175,7 +178,8 @@ def train(cfg: C.RunConfig, run_dir: str, *, resume: bool = False, quiet: bool =
     resume = ckpt is not None
     if resume:
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if optimizer is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
         history = [json.loads(line) for line in ckpt["history"]]
         start_epoch = int(ckpt["epoch"])
         _restore_rng(ckpt["rng"], shuffle)
@@ -185,6 +189,8 @@ def train(cfg: C.RunConfig, run_dir: str, *, resume: bool = False, quiet: bool =
 
     train_idx = torch.as_tensor(ds.train_idx, dtype=torch.long)
     x_all, y_all = ds.x.to(device), ds.y.to(device)
+    steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
     t0 = time.perf_counter()
     epochs = range(start_epoch, cfg.epochs)
     bar = None
@@ -199,21 +205,30 @@ def train(cfg: C.RunConfig, run_dir: str, *, resume: bool = False, quiet: bool =
             order = train_idx[torch.randperm(len(train_idx), generator=shuffle)]
             loss_sum, seen = 0.0, 0
             for b in range(0, len(order), cfg.batch_size):
-                sel, weight = dist.split_batch(order[b:b + cfg.batch_size])  # (whole batch, 1.0) alone
+                batch = order[b:b + cfg.batch_size]
+                # Noise is drawn for the whole global batch so every rank's generator stays in step.
+                noise = objectives.input_noise((len(batch), *x_all.shape[1:]), cfg.input_noise, shuffle)
+                sel, weight = dist.split_batch(batch)  # (whole batch, 1.0) in a single process
                 x, y = x_all[sel.to(device)], y_all[sel.to(device)]
-                pred = net(x, start_pos=window_start_pos(cfg, sel.to(device)))
-                loss = torch.nn.functional.mse_loss(pred.float(), y)
-                aux = getattr(model, "aux_loss", None)  # hard VQ: codebook + commitment loss
-                if isinstance(aux, torch.Tensor) and aux.requires_grad:
-                    loss = loss + aux
+                if noise is not None:
+                    x = x + dist.split_batch(noise)[0].to(x.device, x.dtype)
+                step = epoch * steps_per_epoch + b // cfg.batch_size
+                with torch.set_grad_enabled(optimizer is not None):
+                    loss = objectives.training_loss(net, x, y, window_start_pos(cfg, sel.to(device)), cfg,
+                                                    aux_source=model)
                 batch_loss = dist.weighted_mean(float(loss.detach()), weight)  # the global batch's
                 if not math.isfinite(batch_loss):
                     raise TrainingError(
                         f"training loss became {batch_loss} at epoch {epoch + 1}, batch {b // cfg.batch_size + 1}; "
                         f"lower --lr (now {cfg.lr:g}) or check the data")
-                optimizer.zero_grad(set_to_none=True)
-                (loss if weight == 1.0 else loss * weight).backward()
-                optimizer.step()
+                if optimizer is not None:
+                    for group in optimizer.param_groups:
+                        group["lr"] = objectives.learning_rate(cfg, step, total_steps)
+                    optimizer.zero_grad(set_to_none=True)
+                    (loss if weight == 1.0 else loss * weight).backward()
+                    if cfg.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    optimizer.step()
                 batch_size = min(cfg.batch_size, len(order) - b)
                 loss_sum += batch_loss * batch_size
                 seen += batch_size
@@ -226,8 +241,9 @@ def train(cfg: C.RunConfig, run_dir: str, *, resume: bool = False, quiet: bool =
             if dist.is_main:
                 save_checkpoint(ckpt_path, {
                     "format": 1, "epoch": epoch + 1, "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "history": lines, "rng": _rng_state(shuffle),
-                    "config": json.dumps(cfg.to_dict()), "normalizer": ds.normalizer.to_dict(),
+                    "optimizer": optimizer.state_dict() if optimizer is not None else {}, "history": lines,
+                    "rng": _rng_state(shuffle), "config": json.dumps(cfg.to_dict()),
+                    "normalizer": ds.normalizer.to_dict(),
                 })
                 C.atomic_write_text(os.path.join(run_dir, C.HISTORY_FILE), "\n".join(lines) + "\n")
             if bar is not None:

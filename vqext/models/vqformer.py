@@ -4,7 +4,21 @@
 each block pre-norm with residuals::
 
     h = h + CausalSelfAttention(LayerNorm(h))     # RoPE on q, k inside the kernel when pe = rope
-    h = h + CodebookAttention(LayerNorm(h))        # one codebook per head (or the hard quantiser)
+    h = h + Wo CodebookAttention(Wq LayerNorm(h))  # one codebook per head (or the hard quantiser)
+
+Output options (the defaults are the configuration recommended in docs/results.md):
+
+* ``residual``: the network predicts the increment ``x[t+1] - x[t]`` and the model returns
+  ``x[t] + network``. A series that mostly moves a little per step is then easy to track.
+* ``ar_skip``: a linear autoregressive path, a causal ``Conv1d(1, 1, ar_skip)`` over the input added
+  to the output, zero-initialised (so training starts from the network alone). History before the
+  window's first step repeats that first value. ``None`` = the window length ``time_steps``; 0 = off.
+* ``codebook_projections``: learned ``Wq``/``Wo`` around the codebook attention (the codebook then
+  lives in its own coordinates instead of the residual stream's).
+* ``codebook_scale``: the score scale of the codebook attention; ``None`` = ``1 / sqrt(head size)``.
+
+``recommended_training`` holds the training settings measured with these defaults; ``vqext run``
+uses them for any setting the user does not give.
 
 An encoding of mode ``"add"`` (randn, sinpe, plugins) is added at the input; ``"rotate"`` (rope)
 rotates queries and keys in every attention layer at their absolute positions, so cached decoding
@@ -12,7 +26,10 @@ and sliding windows keep exact positions. Decodes step by step through a :class:
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
@@ -24,28 +41,65 @@ from .base import ForecastModel
 
 class VQFormerBlock(nn.Module):
     def __init__(self, d_model: int, heads: int, kv_heads: int | None, rope: bool, rope_base: float,
-                 quantize: Quantize):
+                 quantize: Quantize, projections: bool = False):
         super().__init__()
         self.heads = heads
         self.norm_attn = nn.LayerNorm(d_model)
         self.attn = CausalSelfAttention(d_model, heads, kv_heads=kv_heads, rope=rope, rope_base=rope_base)
         self.norm_code = nn.LayerNorm(d_model)
+        self.code_in = nn.Linear(d_model, d_model) if projections else nn.Identity()
         self.quantize = quantize
+        self.code_out = nn.Linear(d_model, d_model) if projections else nn.Identity()
+
+    def code_queries(self, h: torch.Tensor) -> torch.Tensor:
+        """What the quantiser sees: ``(B, heads, T, head size)``."""
+        B, T, D = h.shape
+        return self.code_in(self.norm_code(h)).view(B, T, self.heads, D // self.heads).transpose(1, 2)
 
     def forward(self, h: torch.Tensor, start_pos, cache: KVCache | None, layer: int):
         h = h + self.attn(self.norm_attn(h), start_pos, cache, layer)
         B, T, D = h.shape
-        split = self.norm_code(h).view(B, T, self.heads, D // self.heads).transpose(1, 2)
-        quantized, aux = self.quantize(split)
-        return h + quantized.transpose(1, 2).reshape(B, T, D), aux
+        quantized, aux = self.quantize(self.code_queries(h))
+        return h + self.code_out(quantized.transpose(1, 2).reshape(B, T, D)), aux
+
+
+class VQFormerCache(KVCache):
+    """The attention layers' keys and values plus the last inputs the AR skip path reads.
+
+    The input history is bounded like the keys (``max_len``), so a sliding-window decode sees the
+    same inputs as recomputing that window.
+    """
+
+    def __init__(self, num_layers: int, max_len: int | None = None, start_pos: int | torch.Tensor = 0,
+                 input_len: int = 0):
+        super().__init__(num_layers, max_len, start_pos)
+        self.input_len = input_len
+        self.inputs: torch.Tensor | None = None
+
+    def append_inputs(self, x_t: torch.Tensor) -> torch.Tensor:
+        """Add ``x_t`` ``(B, n, 1)``; returns the held history ending with it (``(B, m, 1)``)."""
+        seq = x_t if self.inputs is None else torch.cat((self.inputs, x_t), 1)
+        keep = max(1, self.input_len if self.max_len is None else min(self.input_len, self.max_len))
+        self.inputs = seq[:, -keep:]
+        return seq[:, -(keep + x_t.shape[1] - 1):]
+
+    def reset(self, start_pos: int | torch.Tensor = 0) -> None:
+        self.__init__(self.num_layers, self.max_len, start_pos, self.input_len)
 
 
 class VQFormer(ForecastModel):
     accepted_pes = ("*",)
     supports_cache = True
-    defaults = dict(vocab_size=256, d_model=64, heads=4, kv_heads=None, depth=2, time_steps=96,
-                    quantizer="soft", freeze_codebook=False, codebook_scale=None, commitment_weight=0.25)
+    defaults = dict(vocab_size=64, d_model=64, heads=4, kv_heads=None, depth=2, time_steps=96,
+                    quantizer="soft", freeze_codebook=False, codebook_scale=None, commitment_weight=0.25,
+                    codebook_projections=True, residual=True, ar_skip=None)
     arch_name = "vqformer"
+    #: ``vqext run`` without ``--arch`` trains this architecture with this encoding.
+    recommended_pe: ClassVar[str] = "rope"
+    #: Training settings measured with the defaults above (docs/results.md); used where not given.
+    recommended_training: ClassVar[dict] = dict(
+        epochs=40, lr=3e-3, batch_size=32, lr_schedule="cosine", warmup=0.05, grad_clip=1.0,
+        input_noise=0.1, last_weight=1.0, last_k=16, pushforward=2)
 
     @classmethod
     def validate(cls, pe: str, **hparams) -> None:
@@ -53,6 +107,13 @@ class VQFormer(ForecastModel):
 
         hp = {**cls.defaults, **hparams}
         check_common(cls.arch_name, hp)
+        for name in ("codebook_projections", "residual"):
+            if not isinstance(hp[name], bool):
+                raise ConfigError(f"{cls.arch_name}: {name} must be true or false, got {hp[name]!r}")
+        skip = hp["ar_skip"]
+        if skip is not None and (isinstance(skip, bool) or not isinstance(skip, int) or skip < 0):
+            raise ConfigError(f"{cls.arch_name}: ar_skip must be None (= time_steps), 0 (off) or a positive "
+                              f"integer (the AR filter's length), got {skip!r}")
         hd = head_size(cls.arch_name, hp["d_model"], hp["heads"])
         pe_cls = get_pe(pe)
         if pe_cls.mode == "rotate":
@@ -81,16 +142,32 @@ class VQFormer(ForecastModel):
         rotate = pe_cls.mode == "rotate"
         self.encoder = nn.Linear(1, d)
         self.input_pe = pe_cls(d, hp["time_steps"]) if pe_cls.mode == "add" else None
+        scale = hp["codebook_scale"] if hp["codebook_scale"] is not None else (d // heads) ** -0.5
         self.blocks = nn.ModuleList(
             VQFormerBlock(d, heads, hp["kv_heads"], rotate, float(getattr(pe_cls, "base", 10000.0)),
-                          Quantize(hp["quantizer"], hp["vocab_size"], d, heads, hp["codebook_scale"],
-                                   hp["freeze_codebook"], hp["commitment_weight"]))
+                          Quantize(hp["quantizer"], hp["vocab_size"], d, heads, scale,
+                                   hp["freeze_codebook"], hp["commitment_weight"]),
+                          projections=hp["codebook_projections"])
             for _ in range(hp["depth"]))
         self.norm_out = nn.LayerNorm(d)
         self.decoder = nn.Linear(d, 1)
+        self.residual = hp["residual"]
+        skip = hp["time_steps"] if hp["ar_skip"] is None else hp["ar_skip"]
+        self.ar_skip = nn.Conv1d(1, 1, skip) if skip else None
+        if self.ar_skip is not None:  # start from the network alone; the filter learns what it adds
+            nn.init.zeros_(self.ar_skip.weight)
+            nn.init.zeros_(self.ar_skip.bias)
         self.aux_loss = torch.zeros(())
 
-    def _run(self, x: torch.Tensor, start_pos, cache: KVCache | None) -> torch.Tensor:
+    def _ar(self, history: torch.Tensor, n: int) -> torch.Tensor:
+        """The AR path's outputs for the last ``n`` steps of ``history`` ``(B, m, 1)``."""
+        L = self.ar_skip.kernel_size[0]
+        seq = history[:, -(n + L - 1):, 0].unsqueeze(1)  # (B, 1, <= n + L - 1)
+        seq = F.pad(seq, (n + L - 1 - seq.shape[-1], 0), mode="replicate")
+        return self.ar_skip(seq).transpose(1, 2)  # (B, n, 1)
+
+    def _run(self, x: torch.Tensor, start_pos, cache: KVCache | None, history: torch.Tensor | None = None
+             ) -> torch.Tensor:
         h = self.encoder(x)
         if self.input_pe is not None:
             h = self.input_pe(h, start_pos)
@@ -99,16 +176,31 @@ class VQFormer(ForecastModel):
             h, block_aux = block(h, start_pos, cache, layer)
             aux = aux + block_aux
         self.aux_loss = aux
-        return self.decoder(self.norm_out(h))
+        y = self.decoder(self.norm_out(h))
+        if self.ar_skip is not None:
+            y = y + self._ar(x if history is None else history, x.shape[1])
+        return x + y if self.residual else y
 
     def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
         check_input(self, x)
         return self._run(x, start_pos, None)
 
+    @torch.no_grad()
+    def code_indices(self, x: torch.Tensor, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
+        """The code each step uses in the first block, ``(B, T, heads)``."""
+        check_input(self, x)
+        h = self.encoder(x)
+        if self.input_pe is not None:
+            h = self.input_pe(h, start_pos)
+        block = self.blocks[0]
+        h = h + block.attn(block.norm_attn(h), start_pos, None, 0)
+        return block.quantize.codebook_usage_indices(block.code_queries(h))
+
     def init_cache(self, batch_size: int, max_len: int | None = None, start_pos: int = 0) -> KVCache:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        return KVCache(len(self.blocks), max_len, start_pos)
+        inputs = self.ar_skip.kernel_size[0] if self.ar_skip is not None else 0
+        return VQFormerCache(len(self.blocks), max_len, start_pos, input_len=inputs)
 
     def step(self, x_t: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Predictions for new steps ``x_t`` ``(B, n, 1)`` (usually n = 1) at ``cache.pos``."""
@@ -116,6 +208,10 @@ class VQFormer(ForecastModel):
         if cache.num_layers != len(self.blocks):
             raise ValueError(f"the cache has {cache.num_layers} layers but the model has {len(self.blocks)}; "
                              "make it with model.init_cache")
-        y = self._run(x_t, cache.pos, cache)
+        if self.ar_skip is not None and not isinstance(cache, VQFormerCache):
+            raise ValueError("this model's AR skip path needs the inputs held by a VQFormerCache; make the cache "
+                             "with model.init_cache")
+        history = cache.append_inputs(x_t) if self.ar_skip is not None else None
+        y = self._run(x_t, cache.pos, cache, history)
         cache.advance(x_t.shape[1])
         return y

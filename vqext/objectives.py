@@ -1,0 +1,67 @@
+"""What training minimises, and how fast: the loss terms, input noise and learning-rate schedule.
+
+All of it is configured by :class:`~vqext.config.RunConfig` fields (CLI flags of ``run`` and
+``sweep``); with their defaults training is the seed's: constant learning rate, plain MSE.
+
+* ``input_noise``: Gaussian noise of that std (normalised units) is added to the training inputs
+  (targets stay clean), so the model learns to read slightly wrong inputs, which is what it gets
+  from its own predictions in a regressive forecast.
+* ``last_weight`` / ``last_k``: the loss adds ``last_weight x`` the MSE over the last ``last_k``
+  steps of each window, the steps with nearly full context, which are the ones a rollout uses.
+* ``pushforward``: after the ordinary pass, the model runs again on its own one-step predictions
+  (detached: the first input is the true one, then the previous pass's predictions) and that
+  pass's MSE is added, once per pass. It teaches the model to continue from its own output.
+* ``lr_schedule``: ``constant``, or ``cosine`` decay to 0 after a linear warmup over ``warmup``
+  x all steps.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def learning_rate(cfg, step: int, total_steps: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) out of ``total_steps``."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    warm = int(cfg.warmup * total_steps)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, total_steps - warm)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def input_noise(shape, std: float, generator: torch.Generator) -> torch.Tensor | None:
+    """Gaussian noise of ``std`` drawn from ``generator`` (a CPU generator, so runs are
+    reproducible and resumable), or None when ``std`` is 0."""
+    if not std:
+        return None
+    return std * torch.randn(shape, generator=generator)
+
+
+def _aux(model) -> torch.Tensor | None:
+    aux = getattr(model, "aux_loss", None)  # hard VQ: codebook + commitment loss of the last forward
+    return aux if isinstance(aux, torch.Tensor) and aux.requires_grad else None
+
+
+def training_loss(model, x: torch.Tensor, y: torch.Tensor, start_pos, cfg, aux_source=None) -> torch.Tensor:
+    """The loss of one batch ``x``, ``y`` ``(B, T, 1)`` under ``cfg``'s objective.
+
+    ``model`` is what runs the forward (a DistributedDataParallel wrapper under torchrun);
+    ``aux_source`` is the module that carries ``aux_loss`` (the unwrapped model), default ``model``.
+    """
+    pred = model(x, start_pos=start_pos).float()
+    loss = F.mse_loss(pred, y)
+    aux = _aux(model if aux_source is None else aux_source)
+    if aux is not None:
+        loss = loss + aux
+    if cfg.last_weight:
+        k = min(cfg.last_k, y.shape[1])
+        loss = loss + cfg.last_weight * F.mse_loss(pred[:, -k:], y[:, -k:])
+    for _ in range(cfg.pushforward):
+        fed = torch.cat((x[:, :1], pred.detach()[:, :-1].to(x.dtype)), 1)
+        pred = model(fed, start_pos=start_pos).float()
+        loss = loss + F.mse_loss(pred, y)
+    return loss
