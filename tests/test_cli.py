@@ -112,7 +112,7 @@ def test_sweep_shards_cover_the_grid_and_report_merges(tmp_path):
     assert len(_rows(whole_csv)) == 3
     assert os.path.exists(tmp_path / "merged" / "report_loss.png")
     md = open(tmp_path / "merged" / "report.md").read()
-    assert "| File" in md and "Noise floor" in md and "Worst seed" in md
+    assert "| File" in md and "Noise floor" in md and "Worst regressive MSE (seed)" in md
 
 
 def test_resume_continues_an_interrupted_run(tmp_path):
