@@ -124,6 +124,41 @@ constexpr int tile_keys() {
 }
 constexpr int kTileQueries = 32;
 
+// Horizontal sum and max of a vector by halving (log2(W) vector steps instead of W scalar ones).
+template <typename S, int Bytes>
+struct Reduce {
+  typedef S V __attribute__((vector_size(Bytes)));
+  typedef S H __attribute__((vector_size(Bytes / 2)));
+  static void halves(V v, H& lo, H& hi) {
+    std::memcpy(&lo, &v, Bytes / 2);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + Bytes / 2, Bytes / 2);
+  }
+  static S sum(V v) {
+    H lo, hi;
+    halves(v, lo, hi);
+    return Reduce<S, Bytes / 2>::sum(lo + hi);
+  }
+  static S max(V v) {
+    H lo, hi;
+    halves(v, lo, hi);
+    return Reduce<S, Bytes / 2>::max(lo > hi ? lo : hi);
+  }
+};
+template <typename S>
+struct Reduce<S, 16> {
+  typedef S V __attribute__((vector_size(16)));
+  static S sum(V v) {
+    S t = v[0];
+    for (int l = 1; l < static_cast<int>(16 / sizeof(S)); ++l) t += v[l];
+    return t;
+  }
+  static S max(V v) {
+    S t = v[0];
+    for (int l = 1; l < static_cast<int>(16 / sizeof(S)); ++l) t = v[l] > t ? v[l] : t;
+    return t;
+  }
+};
+
 // Turns a row of scores into masked exponentials against `ref` (the running max or the
 // logsumexp). Keys at or beyond `limit` get exactly zero. Returns the row's sum.
 template <typename A, int BK>
@@ -131,17 +166,22 @@ inline A exp_row(A* s, int limit, A ref) {
   using V = typename Vec<A>::type;
   constexpr int W = Vec<A>::W;
   V sum = V{};
-  for (int j = 0; j < BK; j += W) {
-    V x = vload<V>(s + j) - ref;
-    V e = vexp(x);
-    const typename Vec<A>::itype idx = Vec<A>::iota() + j;
-    e = idx < limit ? e : V{};
-    vstore(s + j, e);
-    sum += e;
+  if (limit >= BK) {  // unmasked row (every row without a causal mask): no lane test
+    for (int j = 0; j < BK; j += W) {
+      const V e = vexp(vload<V>(s + j) - ref);
+      vstore(s + j, e);
+      sum += e;
+    }
+  } else {
+    for (int j = 0; j < BK; j += W) {
+      V e = vexp(vload<V>(s + j) - ref);
+      const typename Vec<A>::itype idx = Vec<A>::iota() + j;
+      e = idx < limit ? e : V{};
+      vstore(s + j, e);
+      sum += e;
+    }
   }
-  A total = 0;
-  for (int l = 0; l < W; ++l) total += sum[l];
-  return total;
+  return Reduce<A, kVecBytes>::sum(sum);
 }
 
 template <typename A, int BK>
@@ -150,15 +190,20 @@ inline A row_max(const A* s, int limit) {
   constexpr int W = Vec<A>::W;
   const A ninf = -std::numeric_limits<A>::infinity();
   V mx = V{} + ninf;
-  for (int j = 0; j < BK; j += W) {
-    V x = vload<V>(s + j);
-    const typename Vec<A>::itype idx = Vec<A>::iota() + j;
-    x = idx < limit ? x : V{} + ninf;
-    mx = x > mx ? x : mx;
+  if (limit >= BK) {
+    for (int j = 0; j < BK; j += W) {
+      const V x = vload<V>(s + j);
+      mx = x > mx ? x : mx;
+    }
+  } else {
+    for (int j = 0; j < BK; j += W) {
+      V x = vload<V>(s + j);
+      const typename Vec<A>::itype idx = Vec<A>::iota() + j;
+      x = idx < limit ? x : V{} + ninf;
+      mx = x > mx ? x : mx;
+    }
   }
-  A out = ninf;
-  for (int l = 0; l < W; ++l) out = mx[l] > out ? mx[l] : out;
-  return out;
+  return Reduce<A, kVecBytes>::max(mx);
 }
 
 // ---------------------------------------------------------------------------------------------
