@@ -129,10 +129,14 @@ template <typename S, int Bytes>
 struct Reduce {
   typedef S V __attribute__((vector_size(Bytes)));
   typedef S H __attribute__((vector_size(Bytes / 2)));
-  static void halves(V v, H& lo, H& hi) {
-    std::memcpy(&lo, &v, Bytes / 2);
-    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + Bytes / 2, Bytes / 2);
+  static constexpr int N = Bytes / static_cast<int>(sizeof(S));
+  // Lane shuffles, not a trip through memory: the accumulators stay in registers.
+  template <size_t... I>
+  static void split(V v, H& lo, H& hi, std::index_sequence<I...>) {
+    lo = __builtin_shufflevector(v, v, static_cast<int>(I)...);
+    hi = __builtin_shufflevector(v, v, static_cast<int>(I + N / 2)...);
   }
+  static void halves(V v, H& lo, H& hi) { split(v, lo, hi, std::make_index_sequence<N / 2>()); }
   static S sum(V v) {
     H lo, hi;
     halves(v, lo, hi);
@@ -338,7 +342,7 @@ void forward_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* ou
             }
             const int rr = s0 + r;
             const A mnew = std::max(m[rr], row_max<A, BK>(srow, lim));
-            const A corr = m[rr] == ninf ? A(0) : exp_scalar(m[rr] - mnew);
+            const A corr = m[rr] == ninf ? A(0) : mnew == m[rr] ? A(1) : exp_scalar(m[rr] - mnew);
             const A sum = exp_row<A, BK>(srow, lim, mnew);
             l[rr] = l[rr] * corr + sum;
             m[rr] = mnew;
