@@ -391,7 +391,12 @@ void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, c
     std::vector<A> Qs(pr.group * tq4 * dp), dO(pr.group * tq4 * dp), dQ(pr.group * tq4 * dp), L(pr.group * tq4),
         Dv(pr.group * tq4);
     const int64_t kv_tile = shared.on ? 0 : dp * BK;
-    std::vector<A> KT(kv_tile), Kr(kv_tile), VT(kv_tile), S(BQ * BK), dP(BQ * BK), dKT(dp * BK), dVT(dp * BK);
+    std::vector<A> KT(kv_tile), Kr(kv_tile), VT(kv_tile), S(BQ * BK), dP(BQ * BK), dKT(kv_tile), dVT(kv_tile);
+    // With shared tiles (k shared and not rotated), this thread's dk^T, dv^T stay in tile layout
+    // across all its tasks: the gemms accumulate into them directly and the transpose back to
+    // k's layout happens once per thread instead of once per task and key block.
+    const int64_t acc_size = shared.on ? pr.Hk * nkb * dp * BK : 0;
+    std::vector<A> dK_tiles(acc_size, A(0)), dV_tiles(acc_size, A(0));
     const int64_t tid = pr.Bk == 1 ? at::get_thread_num() : 0;
     TORCH_CHECK(tid < nthreads, "rope_attention backward: unexpected thread index");
     A* dk_part = dk_out + tid * partial_stride;
@@ -437,8 +442,15 @@ void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, c
           load_kv_tile<T, A, BK>(pr, tab, b, k + kvbase, v + kvbase, kb, nk, dp, KT.data(), Kr.data(), VT.data(),
                                  nullptr);
         }
-        std::fill(dKT.begin(), dKT.end(), A(0));
-        std::fill(dVT.begin(), dVT.end(), A(0));
+        A* dKTb = dKT.data();
+        A* dVTb = dVT.data();
+        if (shared.on) {
+          dKTb = dK_tiles.data() + (hk * nkb + kblk) * dp * BK;
+          dVTb = dV_tiles.data() + (hk * nkb + kblk) * dp * BK;
+        } else {
+          std::fill(dKT.begin(), dKT.end(), A(0));
+          std::fill(dVT.begin(), dVT.end(), A(0));
+        }
         for (int64_t g = 0; g < pr.group; ++g) {
           for (int64_t i0 = qstart; i0 < pr.Tq; i0 += BQ) {
             const int nq = static_cast<int>(std::min<int64_t>(BQ, pr.Tq - i0));
@@ -461,12 +473,13 @@ void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, c
               const A Di = Dv[ro + r];
               for (int j = 0; j < BK; ++j) dprow[j] = srow[j] * (dprow[j] - Di);  // dS
             }
-            gemm_auto<A, 0>(static_cast<int>(dp), BK, mq, dOt, 1, dp, S.data(), BK, dVT.data(), BK, true);
-            gemm_auto<A, 0>(static_cast<int>(dp), BK, mq, Qt, 1, dp, dP.data(), BK, dKT.data(), BK, true);
+            gemm_auto<A, 0>(static_cast<int>(dp), BK, mq, dOt, 1, dp, S.data(), BK, dVTb, BK, true);
+            gemm_auto<A, 0>(static_cast<int>(dp), BK, mq, Qt, 1, dp, dP.data(), BK, dKTb, BK, true);
             gemm_auto<A, 0>(mq, static_cast<int>(dp), nk, dP.data(), BK, 1, Krb, dp, dQ.data() + ro * dp, dp,
                             true);
           }
         }
+        if (shared.on) continue;  // accumulated in this thread's tiles, written out after its last task
         // dk back to k's frame (R^T at this batch's key positions); add into this task's output
         A* dkd = dk_part + (hk * pr.Tk + kb) * d + (pr.Bk == 1 ? 0 : b * pr.Hk * pr.Tk * d);
         A* dvd = dv_part + (hk * pr.Tk + kb) * d + (pr.Bk == 1 ? 0 : b * pr.Hk * pr.Tk * d);
@@ -497,6 +510,22 @@ void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, c
           for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<T>(tmp[c]);
         }
       }
+    }
+    if (shared.on) {  // k is not rotated here (shared tiles need !rope_k): a plain transpose
+      for (int64_t hk = 0; hk < pr.Hk; ++hk)
+        for (int64_t kblk = 0; kblk < nkb; ++kblk) {
+          const int64_t kb = kblk * BK;
+          const int nk = static_cast<int>(std::min<int64_t>(BK, pr.Tk - kb));
+          const A* gk = dK_tiles.data() + (hk * nkb + kblk) * dp * BK;
+          const A* gv = dV_tiles.data() + (hk * nkb + kblk) * dp * BK;
+          A* dkd = dk_part + (hk * pr.Tk + kb) * d;
+          A* dvd = dv_part + (hk * pr.Tk + kb) * d;
+          for (int j = 0; j < nk; ++j)
+            for (int64_t c = 0; c < d; ++c) {
+              dkd[j * d + c] += gk[c * BK + j];
+              dvd[j * d + c] += gv[c * BK + j];
+            }
+        }
     }
   });
 }
