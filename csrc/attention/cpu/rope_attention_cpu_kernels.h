@@ -44,8 +44,10 @@ inline void vstore(void* p, V v) {
 inline Vec<float>::type vexp(Vec<float>::type x) {
   using V = Vec<float>::type;
   using VI = Vec<float>::itype;
-  x = x < -87.0f ? V{} - 87.0f : x;
-  x = x > 88.0f ? V{} + 88.0f : x;
+  // written as x86 max/min operand order so that they compile to vmaxps/vminps, not blends
+  const V lo = V{} - 87.0f, hi = V{} + 88.0f;
+  x = x > lo ? x : lo;
+  x = x < hi ? x : hi;
   V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
   V r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
@@ -291,8 +293,15 @@ void forward_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* ou
   const int64_t grain = work_grain(pr.B * pr.Hq * nqc, static_cast<double>(pr.B) * pr.Hq * pr.Tq * pr.Tk * pr.d);
   const SharedTiles<A> shared = make_shared_tiles<T, A, BK>(pr, tab, k, v, dp, true, false, false, true);
   at::parallel_for(0, pr.B * pr.Hq * nqc, grain, [&](int64_t t0, int64_t t1) {
-    const int64_t kv_tile = shared.on ? 0 : dp * BK;
+    // Without shared tiles, consecutive tasks of a thread often read the same keys (the query
+    // chunks of one (batch, head), the grouped heads of one kv head): the tiles of the current
+    // (batch, kv head) are kept, each prepared on first use.
+    const bool keep = !shared.on && (nqc > 1 || pr.group > 1);
+    const int64_t nkb = (pr.Tk + BK - 1) / BK;
+    const int64_t kv_tile = shared.on ? 0 : keep ? nkb * dp * BK : dp * BK;
     std::vector<A> Qs(QC * dp), KT(kv_tile), Vt(kv_tile), S(BQ * BK), O(QC * dp), m(QC), l(QC);
+    std::vector<char> ready(keep ? nkb : 0);
+    int64_t kept_b = -1, kept_hk = -1;
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t qc = task % nqc, h = (task / nqc) % pr.Hq, b = task / (nqc * pr.Hq);
       const int64_t bk = pr.Bk == 1 ? 0 : b, hk = h / pr.group;
@@ -324,6 +333,22 @@ void forward_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* ou
         if (shared.on) {
           KTb = shared.at(shared.kt, hk, kb / BK);
           Vb = shared.at(shared.vr, hk, kb / BK);
+        } else if (keep) {
+          const int64_t kblk = kb / BK;
+          if (kept_b != b || kept_hk != hk) {
+            std::fill(ready.begin(), ready.end(), 0);
+            kept_b = b;
+            kept_hk = hk;
+          }
+          A* kt = KT.data() + kblk * dp * BK;
+          A* vr = Vt.data() + kblk * dp * BK;
+          if (!ready[kblk]) {
+            load_kv_tile<T, A, BK>(pr, tab, b, kbase, vbase, kb, std::min<int64_t>(BK, pr.Tk - kb), dp, kt, nullptr,
+                                   nullptr, vr);
+            ready[kblk] = 1;
+          }
+          KTb = kt;
+          Vb = vr;
         } else {
           load_kv_tile<T, A, BK>(pr, tab, b, kbase, vbase, kb, nk, dp, KT.data(), nullptr, nullptr, Vt.data());
         }
