@@ -120,10 +120,7 @@ inline void gemm_auto(int M, int N, int K, const A* a, int64_t a_rs, int64_t a_k
   }
 }
 
-template <typename A>
-constexpr int tile_keys() {
-  return 64;
-}
+constexpr int kTileKeys = 64;
 constexpr int kTileQueries = 32;
 
 // Horizontal sum and max of a vector by halving (log2(W) vector steps instead of W scalar ones).
@@ -283,9 +280,9 @@ SharedTiles<A> make_shared_tiles(const Problem& pr, const RopeTable<A>& tab, con
 // (and rotated) once per chunk and reused by its BQ-row sub-tiles.
 constexpr int kChunkQueries = 128;
 
-template <typename T, typename A, int DP>
+template <typename T, typename A, int DP, int BK>
 void forward_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* out, A* lse, const RopeTable<A>& tab) {
-  constexpr int QC = kChunkQueries, BQ = kTileQueries, BK = tile_keys<A>();
+  constexpr int QC = kChunkQueries, BQ = kTileQueries;
   const int64_t d = pr.d, dp = DP > 0 ? DP : round_up(d, Vec<A>::W);
   const int64_t nqc = (pr.Tq + QC - 1) / QC;
   const A scale = static_cast<A>(pr.scale);
@@ -406,7 +403,7 @@ template <typename T, typename A, int DP>
 void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, const T* v, const A* lse,
                      const A* Drow, T* dq, A* dk_out, A* dv_out, int64_t partial_stride, int64_t nthreads,
                      const RopeTable<A>& tab, int64_t grain) {
-  constexpr int BQ = kTileQueries, BK = tile_keys<A>();
+  constexpr int BQ = kTileQueries, BK = kTileKeys;
   const int64_t d = pr.d, dp = DP > 0 ? DP : round_up(d, Vec<A>::W);
   const int64_t nkb = (pr.Tk + BK - 1) / BK;
   const int64_t tq4 = round_up(pr.Tq, 4);
@@ -570,7 +567,13 @@ void dispatch_head_size(int64_t dp, F&& f) {
 template <typename T>
 void run_forward(const Problem& pr, const T* q, const T* k, const T* v, T* out, T* lse, const RopeTable<T>& tab) {
   dispatch_head_size(round_up(pr.d, Vec<T>::W), [&](auto DPc) {
-    forward_kernel<T, T, decltype(DPc)::value>(pr, q, k, v, out, lse, tab);
+    constexpr int DP = decltype(DPc)::value;
+    // Head size 8 over many keys takes tiles twice as wide: the per-row softmax bookkeeping is
+    // then spread over twice the scores (short key ranges would only pad more).
+    if (DP == 8 && pr.Tk >= 512)
+      forward_kernel<T, T, DP, 2 * kTileKeys>(pr, q, k, v, out, lse, tab);
+    else
+      forward_kernel<T, T, DP, kTileKeys>(pr, q, k, v, out, lse, tab);
   });
 }
 
