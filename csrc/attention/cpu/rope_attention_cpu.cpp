@@ -4,11 +4,13 @@
 // accumulation type A (float, or double for double inputs). q and k are rotated (RoPE) while their
 // tiles are loaded; scores use an online softmax so that only the row statistics (logsumexp) are
 // kept for the backward, never the Tq x Tk matrix. The backward recomputes the probabilities from
-// the saved logsumexp in two passes: one over query tiles (dq) and one over key tiles (dk, dv),
-// each owning its outputs, so no atomics and bit-identical results run to run.
+// the saved logsumexp in one pass over (batch, kv head) tasks; with a shared k the dk, dv go to
+// per-thread partial sums reduced in a fixed order, so results are the same run to run.
 //
 // The tile products are written as small register-blocked GEMMs on GCC vector types, so one code
-// path serves every head size; head sizes 8, 16 and 64 get compile-time trip counts.
+// path serves every head size; head sizes 8, 16 and 64 get compile-time trip counts. That code
+// (rope_attention_cpu_kernels.h) is compiled twice, for AVX2 + FMA and for AVX-512, and the
+// AVX-512 copy is taken at run time where the CPU has it (VQEXT_DISABLE_AVX512=1 forces AVX2).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
