@@ -115,6 +115,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, nargs="*", default=None, help="thread counts (default 1 2)")
     ap.add_argument("--min-time", type=float, default=None, help="seconds per measurement")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="run only cases whose name contains one of these substrings (e.g. 'codebook', 'dh8 T2048')")
+    ap.add_argument("--pass", dest="passes", choices=("fwd", "fwd+bwd"), nargs="*", default=None,
+                    help="passes to time (default both)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if not _native.use_native(torch.empty(0, device=device)):
@@ -125,11 +129,18 @@ def main(argv=None) -> int:
     rows = []
     print("| case | threads | pass | ours ms | ours GFLOP/s | baseline | baseline ms | baseline GFLOP/s | speed-up |")
     print("|---|---|---|---|---|---|---|---|---|")
+    def wanted(name: str) -> bool:
+        return not args.only or any(s in name for s in args.only)
+
     for nt in threads:
         torch.set_num_threads(nt)
         for backward in (False, True):
             pas = "fwd+bwd" if backward else "fwd"
+            if args.passes and pas not in args.passes:
+                continue
             for B, H, dh, T in causal_cases(args.quick):
+                if not wanted(f"causal RoPE B{B} H{H} dh{dh} T{T}"):
+                    continue
                 t_ours, base = bench_causal(B, H, dh, T, backward, min_time, device)
                 fl = causal_flops(B, H, T, dh, backward)
                 for name, tb in base.items():
@@ -139,6 +150,8 @@ def main(argv=None) -> int:
                     print("| %s | %d | %s | %.2f | %.1f | %s | %.2f | %.1f | %.2fx |" % row, flush=True)
             for H in ((8,) if args.quick else (8, 1)):
                 B, T, K, dm = 64, 96, 512, 64
+                if not wanted(f"codebook B{B} T{T} K{K} H{H} dh{dm // H}"):
+                    continue
                 t_ours, base = bench_codebook(H, backward, min_time, device)
                 fl = 2 * 2 * B * T * K * dm * (3.5 if backward else 1.0)
                 for name, tb in base.items():

@@ -46,6 +46,9 @@ CASES = [
     (1, 3, 17, 1, 3, 17, 6, dict(causal=True, q_offset=5, k_offset=3, scale=0.3, base=500.0)),
     (2, 2, 65, 2, 2, 129, 128, dict(rope_k=True, k_offset=7)),
     (2, 1, 40, 2, 1, 40, 10, dict(causal=True, rope_q=True, rope_k=True)),
+    (3, 2, 40, 1, 2, 130, 64, {}),                                          # shared codebook, d 64
+    (2, 2, 300, 2, 1, 300, 8, dict(causal=True, rope_q=True, rope_k=True)),  # kept tiles across chunks
+    (2, 2, 200, 2, 1, 600, 8, dict(causal=True, rope_q=True, rope_k=True, q_offset=400)),  # wide tiles
 ]
 
 
@@ -203,3 +206,41 @@ def test_cuda_half_precision(dtype):
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
     out.float().sum().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad.float()).all() for t in (qh, kh, vh))
+
+
+_PATH_SCRIPT = """
+import sys, torch
+from vqext.ops import rope_attention
+g = torch.Generator().manual_seed(0)
+res = []
+for (B, Hq, Tq, Bk, Hk, Tk, d, kw) in [
+        (3, 2, 40, 1, 2, 130, 64, dict(scale=0.1)),
+        (2, 4, 150, 2, 2, 150, 64, dict(causal=True, rope_q=True, rope_k=True)),
+        (2, 2, 60, 2, 2, 600, 8, dict(causal=True, rope_q=True, rope_k=True, q_offset=540)),
+        (2, 2, 33, 2, 2, 70, 16, dict(rope_k=True, k_offset=3))]:
+    q = torch.randn(B, Hq, Tq, d, generator=g).requires_grad_()
+    k = torch.randn(Bk, Hk, Tk, d, generator=g).requires_grad_()
+    v = torch.randn(Bk, Hk, Tk, d, generator=g).requires_grad_()
+    out = rope_attention(q, k, v, **kw)
+    res.append([out.detach(), *torch.autograd.grad(out, (q, k, v), torch.ones_like(out))])
+torch.save(res, sys.argv[1])
+"""
+
+
+@native
+def test_avx2_and_avx512_paths_agree(tmp_path):
+    """The AVX-512 kernels (taken at run time where the CPU has them) and the AVX2 ones (forced by
+    VQEXT_DISABLE_AVX512=1) agree to rounding; on a CPU without AVX-512 both runs take AVX2."""
+    import os
+    import subprocess
+    import sys
+
+    results = []
+    for disable in ("0", "1"):
+        path = tmp_path / f"out{disable}.pt"
+        env = dict(os.environ, VQEXT_DISABLE_AVX512=disable, OMP_NUM_THREADS="1")
+        subprocess.run([sys.executable, "-c", _PATH_SCRIPT, str(path)], env=env, check=True)
+        results.append(torch.load(path))
+    for case_wide, case_avx2 in zip(*results):
+        for a, b in zip(case_wide, case_avx2):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)

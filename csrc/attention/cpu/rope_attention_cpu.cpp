@@ -4,11 +4,13 @@
 // accumulation type A (float, or double for double inputs). q and k are rotated (RoPE) while their
 // tiles are loaded; scores use an online softmax so that only the row statistics (logsumexp) are
 // kept for the backward, never the Tq x Tk matrix. The backward recomputes the probabilities from
-// the saved logsumexp in two passes: one over query tiles (dq) and one over key tiles (dk, dv),
-// each owning its outputs, so no atomics and bit-identical results run to run.
+// the saved logsumexp in one pass over (batch, kv head) tasks; with a shared k the dk, dv go to
+// per-thread partial sums reduced in a fixed order, so results are the same run to run.
 //
 // The tile products are written as small register-blocked GEMMs on GCC vector types, so one code
-// path serves every head size; head sizes 8, 16 and 64 get compile-time trip counts.
+// path serves every head size; head sizes 8, 16 and 64 get compile-time trip counts. That code
+// (rope_attention_cpu_kernels.h) is compiled twice, for AVX2 + FMA and for AVX-512, and the
+// AVX-512 copy is taken at run time where the CPU has it (VQEXT_DISABLE_AVX512=1 forces AVX2).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -18,120 +20,15 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
+#include "../../common/cpu_features.h"
 #include "../attention_common.h"
 
 namespace vqext {
 namespace attention {
 namespace {
-
-// ---------------------------------------------------------------------------------------------
-// Vector helpers
-template <typename A>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(32)));
-  typedef int32_t itype __attribute__((vector_size(32)));
-  static constexpr int W = 8;
-  static itype iota() { return itype{0, 1, 2, 3, 4, 5, 6, 7}; }
-};
-template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(32)));
-  typedef int64_t itype __attribute__((vector_size(32)));
-  static constexpr int W = 4;
-  static itype iota() { return itype{0, 1, 2, 3}; }
-};
-
-template <typename V>
-inline V vload(const void* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-template <typename V>
-inline void vstore(void* p, V v) {
-  std::memcpy(p, &v, sizeof(V));
-}
-
-// exp for float lanes: Cephes-style range reduction and polynomial (about 1 ulp), vectorised;
-// inputs below -87 give exp(-87) (callers mask such lanes to zero themselves).
-inline Vec<float>::type vexp(Vec<float>::type x) {
-  using V = Vec<float>::type;
-  using VI = Vec<float>::itype;
-  x = x < -87.0f ? V{} - 87.0f : x;
-  x = x > 88.0f ? V{} + 88.0f : x;
-  V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  V r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  V p = V{} + 1.9875691500E-4f;
-  p = p * r + 1.3981999507E-3f;
-  p = p * r + 8.3334519073E-3f;
-  p = p * r + 4.1665795894E-2f;
-  p = p * r + 1.6666665459E-1f;
-  p = p * r + 5.0000001201E-1f;
-  V y = p * r * r + r + 1.0f;
-  VI e = (__builtin_convertvector(n, VI) + 127) << 23;
-  V scale;
-  std::memcpy(&scale, &e, sizeof(V));
-  return y * scale;
-}
-inline Vec<double>::type vexp(Vec<double>::type x) {
-  for (int i = 0; i < 4; ++i) x[i] = std::exp(x[i]);
-  return x;
-}
-
-template <typename A>
-inline A exp_scalar(A x) {
-  return std::exp(x);
-}
-
-// C[M][N] (+)= A[M][K] * B[K][N]. A(m, k) = a[m * a_rs + k * a_ks]; B and C are row-major.
-// M % MR == 0 and N % (NV * W) == 0; KC > 0 fixes K at compile time.
-template <typename A, int MR, int NV, int KC>
-inline void gemm(int M, int N, int Kdyn, const A* a, int64_t a_rs, int64_t a_ks, const A* b, int64_t ldb, A* c,
-                 int64_t ldc, bool accumulate) {
-  using V = typename Vec<A>::type;
-  constexpr int W = Vec<A>::W;
-  const int K = KC > 0 ? KC : Kdyn;
-  for (int m0 = 0; m0 < M; m0 += MR) {
-    for (int n0 = 0; n0 < N; n0 += NV * W) {
-      V acc[MR][NV];
-      for (int m = 0; m < MR; ++m)
-        for (int n = 0; n < NV; ++n)
-          acc[m][n] = accumulate ? vload<V>(c + (m0 + m) * ldc + n0 + n * W) : V{};
-      const A* ap = a + m0 * a_rs;
-      const A* bp = b + n0;
-      for (int k = 0; k < K; ++k) {
-        V bv[NV];
-        for (int n = 0; n < NV; ++n) bv[n] = vload<V>(bp + k * ldb + n * W);
-        for (int m = 0; m < MR; ++m) {
-          const A av = ap[m * a_rs + k * a_ks];
-          for (int n = 0; n < NV; ++n) acc[m][n] += av * bv[n];
-        }
-      }
-      for (int m = 0; m < MR; ++m)
-        for (int n = 0; n < NV; ++n) vstore(c + (m0 + m) * ldc + n0 + n * W, acc[m][n]);
-    }
-  }
-}
-
-// Picks the register blocking from N (a multiple of W).
-template <typename A, int KC>
-inline void gemm_auto(int M, int N, int K, const A* a, int64_t a_rs, int64_t a_ks, const A* b, int64_t ldb, A* c,
-                      int64_t ldc, bool accumulate) {
-  constexpr int W = Vec<A>::W;
-  if (N % (2 * W) == 0) {
-    gemm<A, 4, 2, KC>(M, N, K, a, a_rs, a_ks, b, ldb, c, ldc, accumulate);
-  } else {
-    // one vector per row: 8 rows keep 8 independent FMA chains in flight (FMA latency x ports)
-    const int M8 = M / 8 * 8;
-    if (M8) gemm<A, 8, 1, KC>(M8, N, K, a, a_rs, a_ks, b, ldb, c, ldc, accumulate);
-    if (M > M8) gemm<A, 4, 1, KC>(M - M8, N, K, a + M8 * a_rs, a_rs, a_ks, b, ldb, c + M8 * ldc, ldc, accumulate);
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 // RoPE tables: cos/sin of pos * base^(-2i/d) for every position any batch element needs, stored
@@ -241,49 +138,6 @@ struct Problem {
   std::vector<int64_t> qpos, kpos;  // absolute position of row 0, per query batch
 };
 
-template <typename A>
-constexpr int tile_keys() {
-  return 64;
-}
-constexpr int kTileQueries = 32;
-
-// Turns a row of scores into masked exponentials against `ref` (the running max or the
-// logsumexp). Keys at or beyond `limit` get exactly zero. Returns the row's sum.
-template <typename A, int BK>
-inline A exp_row(A* s, int limit, A ref) {
-  using V = typename Vec<A>::type;
-  constexpr int W = Vec<A>::W;
-  V sum = V{};
-  for (int j = 0; j < BK; j += W) {
-    V x = vload<V>(s + j) - ref;
-    V e = vexp(x);
-    const typename Vec<A>::itype idx = Vec<A>::iota() + j;
-    e = idx < limit ? e : V{};
-    vstore(s + j, e);
-    sum += e;
-  }
-  A total = 0;
-  for (int l = 0; l < W; ++l) total += sum[l];
-  return total;
-}
-
-template <typename A, int BK>
-inline A row_max(const A* s, int limit) {
-  using V = typename Vec<A>::type;
-  constexpr int W = Vec<A>::W;
-  const A ninf = -std::numeric_limits<A>::infinity();
-  V mx = V{} + ninf;
-  for (int j = 0; j < BK; j += W) {
-    V x = vload<V>(s + j);
-    const typename Vec<A>::itype idx = Vec<A>::iota() + j;
-    x = idx < limit ? x : V{} + ninf;
-    mx = x > mx ? x : mx;
-  }
-  A out = ninf;
-  for (int l = 0; l < W; ++l) out = mx[l] > out ? mx[l] : out;
-  return out;
-}
-
 // Number of keys of block [kb, kb + nk) that query row i (absolute position qp) sees.
 inline int visible_keys(const Problem& pr, int64_t qp, int64_t kp_block, int nk) {
   if (!pr.causal) return nk;
@@ -297,232 +151,28 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline int64_t work_grain(int64_t tasks, double flops) { return flops < 262144.0 ? std::max<int64_t>(tasks, 1) : 1; }
 
 // ---------------------------------------------------------------------------------------------
-// Forward. A task is a chunk of QC queries of one (batch, head): each key/value tile is loaded
-// (and rotated) once per chunk and reused by its BQ-row sub-tiles.
-constexpr int kChunkQueries = 128;
+// The tile kernels, compiled twice: for the AVX2 + FMA baseline and, chosen at run time on CPUs
+// that have it, for AVX-512 (twice the lanes, twice the registers).
+namespace isa_avx2 {
+#define VQEXT_VEC_BYTES 32
+#include "rope_attention_cpu_kernels.h"
+#undef VQEXT_VEC_BYTES
+}  // namespace isa_avx2
 
-template <typename T, typename A, int DP>
-void forward_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* out, A* lse, const RopeTable<A>& tab) {
-  constexpr int QC = kChunkQueries, BQ = kTileQueries, BK = tile_keys<A>();
-  const int64_t d = pr.d, dp = DP > 0 ? DP : round_up(d, Vec<A>::W);
-  const int64_t nqc = (pr.Tq + QC - 1) / QC;
-  const A scale = static_cast<A>(pr.scale);
-  const A ninf = -std::numeric_limits<A>::infinity();
-  const int64_t grain = work_grain(pr.B * pr.Hq * nqc, static_cast<double>(pr.B) * pr.Hq * pr.Tq * pr.Tk * pr.d);
-  at::parallel_for(0, pr.B * pr.Hq * nqc, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<A> Qs(QC * dp), KT(dp * BK), Vt(BK * dp), S(BQ * BK), O(QC * dp), m(QC), l(QC);
-    for (int64_t task = t0; task < t1; ++task) {
-      const int64_t qc = task % nqc, h = (task / nqc) % pr.Hq, b = task / (nqc * pr.Hq);
-      const int64_t bk = pr.Bk == 1 ? 0 : b, hk = h / pr.group;
-      const int64_t i0 = qc * QC;
-      const int nrows = static_cast<int>(std::min<int64_t>(QC, pr.Tq - i0));
-      const int nrows4 = static_cast<int>(round_up(nrows, 4));
-      const T* qbase = q + ((b * pr.Hq + h) * pr.Tq + i0) * d;
-      const T* kbase = k + (bk * pr.Hk + hk) * pr.Tk * d;
-      const T* vbase = v + (bk * pr.Hk + hk) * pr.Tk * d;
-      const int64_t qp0 = pr.qpos[b] + i0, kp0 = pr.kpos[b];
-      for (int r = 0; r < nrows4; ++r) {
-        if (r < nrows) {
-          const int64_t row = pr.rope_q ? tab.q_row[b] + i0 + r : 0;
-          rotate_row<T, A>(qbase + r * d, Qs.data() + r * dp, d, dp, scale, pr.rope_q ? tab.cos_row(row) : nullptr,
-                           pr.rope_q ? tab.sin_row(row) : nullptr, A(1));
-        } else {
-          std::fill(Qs.begin() + r * dp, Qs.begin() + (r + 1) * dp, A(0));
-        }
-        m[r] = ninf;
-        l[r] = 0;
-      }
-      std::fill(O.begin(), O.begin() + nrows4 * dp, A(0));
-      int64_t kend = pr.Tk;
-      if (pr.causal) kend = std::max<int64_t>(0, std::min<int64_t>(pr.Tk, qp0 + nrows - kp0));
-      for (int64_t kb = 0; kb < kend; kb += BK) {
-        const int nk = static_cast<int>(std::min<int64_t>(BK, kend - kb));
-        for (int j = 0; j < BK; ++j) {
-          if (j < nk) {
-            const int64_t row = pr.rope_k ? tab.k_row[b] + kb + j : 0;
-            rotate_row_to_column<T, A>(kbase + (kb + j) * d, KT.data(), BK, j, d, dp,
-                                       pr.rope_k ? tab.cos_row(row) : nullptr, pr.rope_k ? tab.sin_row(row) : nullptr);
-            rotate_row<T, A>(vbase + (kb + j) * d, Vt.data() + j * dp, d, dp, A(1), nullptr, nullptr, A(1));
-          } else {
-            for (int64_t c = 0; c < dp; ++c) KT[c * BK + j] = A(0);
-            std::fill(Vt.begin() + j * dp, Vt.begin() + (j + 1) * dp, A(0));
-          }
-        }
-        for (int s0 = 0; s0 < nrows; s0 += BQ) {
-          const int nq = std::min(BQ, nrows - s0);
-          if (pr.causal && qp0 + s0 + nq - 1 < kp0 + kb) continue;  // no row of this sub-tile sees the block
-          const int mq = static_cast<int>(round_up(nq, 4));
-          gemm_auto<A, DP>(mq, BK, static_cast<int>(dp), Qs.data() + s0 * dp, dp, 1, KT.data(), BK, S.data(), BK,
-                           false);
-          for (int r = 0; r < mq; ++r) {
-            A* srow = S.data() + r * BK;
-            const int lim = r < nq ? visible_keys(pr, qp0 + s0 + r, kp0 + kb, nk) : 0;
-            if (lim <= 0) {
-              std::fill(srow, srow + BK, A(0));
-              continue;
-            }
-            const int rr = s0 + r;
-            const A mnew = std::max(m[rr], row_max<A, BK>(srow, lim));
-            const A corr = m[rr] == ninf ? A(0) : exp_scalar(m[rr] - mnew);
-            const A sum = exp_row<A, BK>(srow, lim, mnew);
-            l[rr] = l[rr] * corr + sum;
-            m[rr] = mnew;
-            if (corr != A(1))
-              for (int64_t c = 0; c < dp; ++c) O[rr * dp + c] *= corr;
-          }
-          gemm_auto<A, 0>(mq, static_cast<int>(dp), nk, S.data(), BK, 1, Vt.data(), dp, O.data() + s0 * dp, dp, true);
-        }
-      }
-      for (int r = 0; r < nrows; ++r) {
-        T* orow = out + ((b * pr.Hq + h) * pr.Tq + i0 + r) * d;
-        A* lrow = lse + (b * pr.Hq + h) * pr.Tq + i0 + r;
-        if (l[r] > 0) {
-          const A inv = A(1) / l[r];
-          for (int64_t c = 0; c < d; ++c) orow[c] = static_cast<T>(O[r * dp + c] * inv);
-          *lrow = m[r] + std::log(l[r]);
-        } else {
-          for (int64_t c = 0; c < d; ++c) orow[c] = static_cast<T>(0);
-          *lrow = ninf;
-        }
-      }
-    }
-  });
-}
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+namespace isa_avx512 {
+#define VQEXT_VEC_BYTES 64
+#include "rope_attention_cpu_kernels.h"
+#undef VQEXT_VEC_BYTES
+}  // namespace isa_avx512
+#pragma GCC pop_options
 
-// ---------------------------------------------------------------------------------------------
-// Backward, one pass (flash-attention-2 style). A task is one (query batch b, kv head hk): it
-// owns dq for the grouped query heads of (b, hk), and dk, dv of (b, hk) when k is not shared.
-// Its queries and output gradients are rotated and staged once; for each key block, each
-// query tile recomputes P = exp(S - lse) and forms dS = P * (dP - D), then
-//   dV += P^T dO,  dK += dS^T (scale R q),  dQ += dS (R k).
-// With a shared k (Bk == 1) the dk, dv of a task are added into per-thread partial sums that are
-// reduced at the end; at::parallel_for hands each thread a fixed contiguous range of tasks, so
-// the summation order, and the result, is the same run to run for a given thread count.
-template <typename T, typename A, int DP>
-void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, const T* v, const A* lse,
-                     const A* Drow, T* dq, A* dk_out, A* dv_out, int64_t partial_stride, int64_t nthreads,
-                     const RopeTable<A>& tab, int64_t grain) {
-  constexpr int BQ = kTileQueries, BK = tile_keys<A>();
-  const int64_t d = pr.d, dp = DP > 0 ? DP : round_up(d, Vec<A>::W);
-  const int64_t nkb = (pr.Tk + BK - 1) / BK;
-  const int64_t tq4 = round_up(pr.Tq, 4);
-  const A scale = static_cast<A>(pr.scale);
-  // A query tile starts at the first row that sees the key block (any row, not a multiple of 4)
-  // and spans mq = round_up(nq, 4) rows, so it can run up to 3 rows past the last group's staged
-  // rows: those padding rows stay zero (found by the ASan build, .ci/sanitize.sh).
-  const int64_t staged = (pr.group * tq4 + 3) * dp;
-  at::parallel_for(0, pr.B * pr.Hk, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<A> Qs(staged), dO(staged), dQ(staged), L(pr.group * tq4), Dv(pr.group * tq4);
-    std::vector<A> KT(dp * BK), Kr(BK * dp), VT(dp * BK), S(BQ * BK), dP(BQ * BK), dKT(dp * BK), dVT(dp * BK);
-    const int64_t tid = pr.Bk == 1 ? at::get_thread_num() : 0;
-    TORCH_CHECK(tid < nthreads, "rope_attention backward: unexpected thread index");
-    A* dk_part = dk_out + tid * partial_stride;
-    A* dv_part = dv_out + tid * partial_stride;
-    for (int64_t task = t0; task < t1; ++task) {
-      const int64_t hk = task % pr.Hk, b = task / pr.Hk;
-      const int64_t bk = pr.Bk == 1 ? 0 : b;
-      const int64_t qs = pr.qpos[b], ks = pr.kpos[b];
-      for (int64_t g = 0; g < pr.group; ++g) {
-        const int64_t rowbase = (b * pr.Hq + hk * pr.group + g) * pr.Tq;
-        for (int64_t i = 0; i < tq4; ++i) {
-          A* qrow = Qs.data() + (g * tq4 + i) * dp;
-          A* orow = dO.data() + (g * tq4 + i) * dp;
-          if (i < pr.Tq) {
-            const int64_t row = pr.rope_q ? tab.q_row[b] + i : 0;
-            rotate_row<T, A>(q + (rowbase + i) * d, qrow, d, dp, scale, pr.rope_q ? tab.cos_row(row) : nullptr,
-                             pr.rope_q ? tab.sin_row(row) : nullptr, A(1));
-            rotate_row<T, A>(gout + (rowbase + i) * d, orow, d, dp, A(1), nullptr, nullptr, A(1));
-            L[g * tq4 + i] = lse[rowbase + i];
-            Dv[g * tq4 + i] = Drow[rowbase + i];
-          } else {
-            std::fill(qrow, qrow + dp, A(0));
-            std::fill(orow, orow + dp, A(0));
-          }
-        }
-      }
-      std::fill(dQ.begin(), dQ.end(), A(0));
-      const int64_t kvbase = (bk * pr.Hk + hk) * pr.Tk * d;
-      for (int64_t kblk = 0; kblk < nkb; ++kblk) {
-        const int64_t kb = kblk * BK;
-        const int nk = static_cast<int>(std::min<int64_t>(BK, pr.Tk - kb));
-        // first query row that sees key kb
-        const int64_t qstart = pr.causal ? std::max<int64_t>(0, ks + kb - qs) : 0;
-        if (qstart >= pr.Tq) break;
-        for (int j = 0; j < BK; ++j) {
-          if (j < nk) {
-            const int64_t row = pr.rope_k ? tab.k_row[b] + kb + j : 0;
-            const A* cs = pr.rope_k ? tab.cos_row(row) : nullptr;
-            const A* sn = pr.rope_k ? tab.sin_row(row) : nullptr;
-            rotate_row_to_column<T, A>(k + kvbase + (kb + j) * d, KT.data(), BK, j, d, dp, cs, sn);
-            rotate_row<T, A>(k + kvbase + (kb + j) * d, Kr.data() + j * dp, d, dp, A(1), cs, sn, A(1));
-            rotate_row_to_column<T, A>(v + kvbase + (kb + j) * d, VT.data(), BK, j, d, dp, nullptr, nullptr);
-          } else {
-            for (int64_t c = 0; c < dp; ++c) KT[c * BK + j] = VT[c * BK + j] = A(0);
-            std::fill(Kr.begin() + j * dp, Kr.begin() + (j + 1) * dp, A(0));
-          }
-        }
-        std::fill(dKT.begin(), dKT.end(), A(0));
-        std::fill(dVT.begin(), dVT.end(), A(0));
-        for (int64_t g = 0; g < pr.group; ++g) {
-          for (int64_t i0 = qstart; i0 < pr.Tq; i0 += BQ) {
-            const int nq = static_cast<int>(std::min<int64_t>(BQ, pr.Tq - i0));
-            const int mq = static_cast<int>(round_up(nq, 4));
-            const int64_t ro = g * tq4 + i0;  // staged row of the tile's first query
-            const A* Qt = Qs.data() + ro * dp;
-            const A* dOt = dO.data() + ro * dp;
-            gemm_auto<A, DP>(mq, BK, static_cast<int>(dp), Qt, dp, 1, KT.data(), BK, S.data(), BK, false);
-            gemm_auto<A, DP>(mq, BK, static_cast<int>(dp), dOt, dp, 1, VT.data(), BK, dP.data(), BK, false);
-            for (int r = 0; r < mq; ++r) {
-              A* srow = S.data() + r * BK;
-              A* dprow = dP.data() + r * BK;
-              const int lim = r < nq ? visible_keys(pr, qs + i0 + r, ks + kb, nk) : 0;
-              if (lim <= 0) {
-                std::fill(srow, srow + BK, A(0));
-                std::fill(dprow, dprow + BK, A(0));
-                continue;
-              }
-              exp_row<A, BK>(srow, lim, L[ro + r]);
-              const A Di = Dv[ro + r];
-              for (int j = 0; j < BK; ++j) dprow[j] = srow[j] * (dprow[j] - Di);  // dS
-            }
-            gemm_auto<A, 0>(static_cast<int>(dp), BK, mq, dOt, 1, dp, S.data(), BK, dVT.data(), BK, true);
-            gemm_auto<A, 0>(static_cast<int>(dp), BK, mq, Qt, 1, dp, dP.data(), BK, dKT.data(), BK, true);
-            gemm_auto<A, 0>(mq, static_cast<int>(dp), nk, dP.data(), BK, 1, Kr.data(), dp, dQ.data() + ro * dp, dp,
-                            true);
-          }
-        }
-        // dk back to k's frame (R^T at this batch's key positions); add into this task's output
-        A* dkd = dk_part + (hk * pr.Tk + kb) * d + (pr.Bk == 1 ? 0 : b * pr.Hk * pr.Tk * d);
-        A* dvd = dv_part + (hk * pr.Tk + kb) * d + (pr.Bk == 1 ? 0 : b * pr.Hk * pr.Tk * d);
-        for (int j = 0; j < nk; ++j) {
-          if (pr.rope_k) {
-            const int64_t row = tab.k_row[b] + kb + j;
-            const A* cs = tab.cos_row(row);
-            const A* sn = tab.sin_row(row);
-            for (int64_t i = 0; i < d / 2; ++i) {
-              const A g0 = dKT[(2 * i) * BK + j], g1 = dKT[(2 * i + 1) * BK + j];
-              dkd[j * d + 2 * i] += g0 * cs[i] + g1 * sn[i];
-              dkd[j * d + 2 * i + 1] += -g0 * sn[i] + g1 * cs[i];
-            }
-          } else {
-            for (int64_t c = 0; c < d; ++c) dkd[j * d + c] += dKT[c * BK + j];
-          }
-          for (int64_t c = 0; c < d; ++c) dvd[j * d + c] += dVT[c * BK + j];
-        }
-      }
-      for (int64_t g = 0; g < pr.group; ++g) {
-        const int64_t rowbase = (b * pr.Hq + hk * pr.group + g) * pr.Tq;
-        for (int64_t i = 0; i < pr.Tq; ++i) {
-          const int64_t row = pr.rope_q ? tab.q_row[b] + i : 0;
-          A tmp[128];
-          rotate_row<A, A>(dQ.data() + (g * tq4 + i) * dp, tmp, d, d, scale, pr.rope_q ? tab.cos_row(row) : nullptr,
-                           pr.rope_q ? tab.sin_row(row) : nullptr, A(-1));
-          T* dst = dq + (rowbase + i) * d;
-          for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<T>(tmp[c]);
-        }
-      }
-    }
-  });
+// AVX-512 where the CPU has it and the head size fills its vectors (small head sizes would be
+// zero-padded to 16 lanes, which costs more than the wider vectors gain).
+template <typename A>
+bool use_avx512(const Problem& pr) {
+  return cpu_has_avx512() && pr.d % isa_avx512::Vec<A>::W == 0;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -538,16 +188,6 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   pr.qpos = host_positions(q_offset, q_offsets, s.B);
   pr.kpos = host_positions(k_offset, k_offsets, s.B);
   return pr;
-}
-
-template <typename F>
-void dispatch_head_size(int64_t dp, F&& f) {
-  switch (dp) {
-    case 8: f(std::integral_constant<int, 8>()); break;
-    case 16: f(std::integral_constant<int, 16>()); break;
-    case 64: f(std::integral_constant<int, 64>()); break;
-    default: f(std::integral_constant<int, 0>()); break;
-  }
 }
 
 template <typename A>
@@ -570,11 +210,8 @@ std::tuple<at::Tensor, at::Tensor> rope_attention_fwd_cpu(const at::Tensor& q_in
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rope_attention_fwd_cpu", [&] {
     using A = scalar_t;
     const RopeTable<A> tab = tables_for<A>(pr);
-    dispatch_head_size(round_up(pr.d, Vec<A>::W), [&](auto DPc) {
-      forward_kernel<scalar_t, A, decltype(DPc)::value>(pr, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                                                        v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                                                        lse.data_ptr<A>(), tab);
-    });
+    (use_avx512<A>(pr) ? isa_avx512::run_forward<A> : isa_avx2::run_forward<A>)(
+        pr, q.data_ptr<A>(), k.data_ptr<A>(), v.data_ptr<A>(), out.data_ptr<A>(), lse.data_ptr<A>(), tab);
   });
   return {out, lse};
 }
@@ -607,13 +244,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_bwd_cpu(
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rope_attention_bwd_cpu", [&] {
     using A = scalar_t;
     const RopeTable<A> tab = tables_for<A>(pr);
-    dispatch_head_size(round_up(pr.d, Vec<A>::W), [&](auto DPc) {
-      constexpr int DP = decltype(DPc)::value;
-      backward_kernel<scalar_t, A, DP>(pr, gout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                                       v.data_ptr<scalar_t>(), lse.data_ptr<A>(), Drow.data_ptr<A>(),
-                                       dq.data_ptr<scalar_t>(), dk_acc.data_ptr<A>(), dv_acc.data_ptr<A>(), kv_numel,
-                                       nthreads, tab, grain);
-    });
+    (use_avx512<A>(pr) ? isa_avx512::run_backward<A> : isa_avx2::run_backward<A>)(
+        pr, gout.data_ptr<A>(), q.data_ptr<A>(), k.data_ptr<A>(), v.data_ptr<A>(), lse.data_ptr<A>(),
+        Drow.data_ptr<A>(), dq.data_ptr<A>(), dk_acc.data_ptr<A>(), dv_acc.data_ptr<A>(), kv_numel, nthreads, tab,
+        grain);
   });
   at::Tensor dk = dk_acc.sum(0).view(k.sizes());
   at::Tensor dv = dv_acc.sum(0).view(v.sizes());

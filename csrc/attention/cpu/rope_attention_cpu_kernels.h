@@ -1,0 +1,591 @@
+// ISA-specific part of the CPU rope_attention kernels. Included twice by rope_attention_cpu.cpp,
+// inside namespace isa_avx2 (VQEXT_VEC_BYTES 32) and isa_avx512 (64, under #pragma GCC target),
+// so one source serves both vector widths; no include guard on purpose.
+#ifndef VQEXT_VEC_BYTES
+#error "define VQEXT_VEC_BYTES before including rope_attention_cpu_kernels.h"
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Vector helpers
+template <typename A>
+struct Vec;
+constexpr int kVecBytes = VQEXT_VEC_BYTES;
+// 32 vector registers with AVX-512 (16 with AVX2): room for wider register blocks.
+constexpr bool kManyRegisters = kVecBytes == 64;
+template <typename S, typename I>
+struct VecOf {
+  typedef S type __attribute__((vector_size(kVecBytes)));
+  typedef I itype __attribute__((vector_size(kVecBytes)));
+  static constexpr int W = kVecBytes / static_cast<int>(sizeof(S));
+  static itype iota() {
+    itype v;
+    for (int i = 0; i < W; ++i) v[i] = i;
+    return v;
+  }
+};
+template <>
+struct Vec<float> : VecOf<float, int32_t> {};
+template <>
+struct Vec<double> : VecOf<double, int64_t> {};
+
+template <typename V>
+inline V vload(const void* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V>
+inline void vstore(void* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// exp for float lanes: Cephes-style range reduction and polynomial (about 1 ulp), vectorised;
+// inputs below -87 give exp(-87) (callers mask such lanes to zero themselves).
+inline Vec<float>::type vexp(Vec<float>::type x) {
+  using V = Vec<float>::type;
+  using VI = Vec<float>::itype;
+  // written as x86 max/min operand order so that they compile to vmaxps/vminps, not blends
+  const V lo = V{} - 87.0f, hi = V{} + 88.0f;
+  x = x > lo ? x : lo;
+  x = x < hi ? x : hi;
+  V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  V r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  V p = V{} + 1.9875691500E-4f;
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  V y = p * r * r + r + 1.0f;
+  VI e = (__builtin_convertvector(n, VI) + 127) << 23;
+  V scale;
+  std::memcpy(&scale, &e, sizeof(V));
+  return y * scale;
+}
+inline Vec<double>::type vexp(Vec<double>::type x) {
+  for (int i = 0; i < Vec<double>::W; ++i) x[i] = std::exp(x[i]);
+  return x;
+}
+
+template <typename A>
+inline A exp_scalar(A x) {
+  return std::exp(x);
+}
+
+// C[M][N] (+)= A[M][K] * B[K][N]. A(m, k) = a[m * a_rs + k * a_ks]; B and C are row-major.
+// M % MR == 0 and N % (NV * W) == 0; KC > 0 fixes K at compile time.
+template <typename A, int MR, int NV, int KC>
+inline void gemm(int M, int N, int Kdyn, const A* a, int64_t a_rs, int64_t a_ks, const A* b, int64_t ldb, A* c,
+                 int64_t ldc, bool accumulate) {
+  using V = typename Vec<A>::type;
+  constexpr int W = Vec<A>::W;
+  const int K = KC > 0 ? KC : Kdyn;
+  for (int m0 = 0; m0 < M; m0 += MR) {
+    for (int n0 = 0; n0 < N; n0 += NV * W) {
+      V acc[MR][NV];
+      for (int m = 0; m < MR; ++m)
+        for (int n = 0; n < NV; ++n)
+          acc[m][n] = accumulate ? vload<V>(c + (m0 + m) * ldc + n0 + n * W) : V{};
+      const A* ap = a + m0 * a_rs;
+      const A* bp = b + n0;
+      for (int k = 0; k < K; ++k) {
+        V bv[NV];
+        for (int n = 0; n < NV; ++n) bv[n] = vload<V>(bp + k * ldb + n * W);
+        for (int m = 0; m < MR; ++m) {
+          const A av = ap[m * a_rs + k * a_ks];
+          for (int n = 0; n < NV; ++n) acc[m][n] += av * bv[n];
+        }
+      }
+      for (int m = 0; m < MR; ++m)
+        for (int n = 0; n < NV; ++n) vstore(c + (m0 + m) * ldc + n0 + n * W, acc[m][n]);
+    }
+  }
+}
+
+// Picks the register blocking from N (a multiple of W).
+template <typename A, int KC>
+inline void gemm_auto(int M, int N, int K, const A* a, int64_t a_rs, int64_t a_ks, const A* b, int64_t ldb, A* c,
+                      int64_t ldc, bool accumulate) {
+  constexpr int W = Vec<A>::W;
+  if (kManyRegisters && N % (4 * W) == 0) {
+    gemm<A, 4, 4, KC>(M, N, K, a, a_rs, a_ks, b, ldb, c, ldc, accumulate);
+  } else if (N % (2 * W) == 0) {
+    gemm<A, 4, 2, KC>(M, N, K, a, a_rs, a_ks, b, ldb, c, ldc, accumulate);
+  } else {
+    // one vector per row: 8 rows keep 8 independent FMA chains in flight (FMA latency x ports)
+    const int M8 = M / 8 * 8;
+    if (M8) gemm<A, 8, 1, KC>(M8, N, K, a, a_rs, a_ks, b, ldb, c, ldc, accumulate);
+    if (M > M8) gemm<A, 4, 1, KC>(M - M8, N, K, a + M8 * a_rs, a_rs, a_ks, b, ldb, c + M8 * ldc, ldc, accumulate);
+  }
+}
+
+constexpr int kTileKeys = 64;
+constexpr int kTileQueries = 32;
+
+// Horizontal sum and max of a vector by halving (log2(W) vector steps instead of W scalar ones).
+template <typename S, int Bytes>
+struct Reduce {
+  typedef S V __attribute__((vector_size(Bytes)));
+  typedef S H __attribute__((vector_size(Bytes / 2)));
+  static constexpr int N = Bytes / static_cast<int>(sizeof(S));
+  // Lane shuffles, not a trip through memory: the accumulators stay in registers.
+  template <size_t... I>
+  static void split(V v, H& lo, H& hi, std::index_sequence<I...>) {
+    lo = __builtin_shufflevector(v, v, static_cast<int>(I)...);
+    hi = __builtin_shufflevector(v, v, static_cast<int>(I + N / 2)...);
+  }
+  static void halves(V v, H& lo, H& hi) { split(v, lo, hi, std::make_index_sequence<N / 2>()); }
+  static S sum(V v) {
+    H lo, hi;
+    halves(v, lo, hi);
+    return Reduce<S, Bytes / 2>::sum(lo + hi);
+  }
+  static S max(V v) {
+    H lo, hi;
+    halves(v, lo, hi);
+    return Reduce<S, Bytes / 2>::max(lo > hi ? lo : hi);
+  }
+};
+template <typename S>
+struct Reduce<S, 16> {
+  typedef S V __attribute__((vector_size(16)));
+  static S sum(V v) {
+    S t = v[0];
+    for (int l = 1; l < static_cast<int>(16 / sizeof(S)); ++l) t += v[l];
+    return t;
+  }
+  static S max(V v) {
+    S t = v[0];
+    for (int l = 1; l < static_cast<int>(16 / sizeof(S)); ++l) t = v[l] > t ? v[l] : t;
+    return t;
+  }
+};
+
+// Turns a row of scores into masked exponentials against `ref` (the running max or the
+// logsumexp). Keys at or beyond `limit` get exactly zero. Returns the row's sum.
+template <typename A, int BK>
+inline A exp_row(A* s, int limit, A ref) {
+  using V = typename Vec<A>::type;
+  constexpr int W = Vec<A>::W;
+  V sum = V{};
+  if (limit >= BK) {  // unmasked row (every row without a causal mask): no lane test
+    for (int j = 0; j < BK; j += W) {
+      const V e = vexp(vload<V>(s + j) - ref);
+      vstore(s + j, e);
+      sum += e;
+    }
+  } else {
+    for (int j = 0; j < BK; j += W) {
+      V e = vexp(vload<V>(s + j) - ref);
+      const typename Vec<A>::itype idx = Vec<A>::iota() + j;
+      e = idx < limit ? e : V{};
+      vstore(s + j, e);
+      sum += e;
+    }
+  }
+  return Reduce<A, kVecBytes>::sum(sum);
+}
+
+template <typename A, int BK>
+inline A row_max(const A* s, int limit) {
+  using V = typename Vec<A>::type;
+  constexpr int W = Vec<A>::W;
+  const A ninf = -std::numeric_limits<A>::infinity();
+  V mx = V{} + ninf;
+  if (limit >= BK) {
+    for (int j = 0; j < BK; j += W) {
+      const V x = vload<V>(s + j);
+      mx = x > mx ? x : mx;
+    }
+  } else {
+    for (int j = 0; j < BK; j += W) {
+      V x = vload<V>(s + j);
+      const typename Vec<A>::itype idx = Vec<A>::iota() + j;
+      x = idx < limit ? x : V{} + ninf;
+      mx = x > mx ? x : mx;
+    }
+  }
+  return Reduce<A, kVecBytes>::max(mx);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Key/value tiles. Keys [kb, kb + nk) of one (batch, kv head), zero-padded to BK keys and dp
+// columns: kt = (R k)^T (dp x BK), kr = R k (BK x dp), vt = v^T (dp x BK), vr = v (BK x dp).
+// Null outputs are skipped.
+template <typename T, typename A, int BK>
+void load_kv_tile(const Problem& pr, const RopeTable<A>& tab, int64_t b, const T* kbase, const T* vbase, int64_t kb,
+                  int nk, int64_t dp, A* kt, A* kr, A* vt, A* vr) {
+  const int64_t d = pr.d;
+  for (int j = 0; j < BK; ++j) {
+    if (j < nk) {
+      const int64_t row = pr.rope_k ? tab.k_row[b] + kb + j : 0;
+      const A* cs = pr.rope_k ? tab.cos_row(row) : nullptr;
+      const A* sn = pr.rope_k ? tab.sin_row(row) : nullptr;
+      if (kt) rotate_row_to_column<T, A>(kbase + (kb + j) * d, kt, BK, j, d, dp, cs, sn);
+      if (kr) rotate_row<T, A>(kbase + (kb + j) * d, kr + j * dp, d, dp, A(1), cs, sn, A(1));
+      if (vt) rotate_row_to_column<T, A>(vbase + (kb + j) * d, vt, BK, j, d, dp, nullptr, nullptr);
+      if (vr) rotate_row<T, A>(vbase + (kb + j) * d, vr + j * dp, d, dp, A(1), nullptr, nullptr, A(1));
+    } else {
+      for (int64_t c = 0; c < dp; ++c) {
+        if (kt) kt[c * BK + j] = A(0);
+        if (vt) vt[c * BK + j] = A(0);
+      }
+      if (kr) std::fill(kr + j * dp, kr + (j + 1) * dp, A(0));
+      if (vr) std::fill(vr + j * dp, vr + (j + 1) * dp, A(0));
+    }
+  }
+}
+
+// With k and v shared by the whole batch (Bk == 1) and not rotated per batch element, every task
+// of a kv head reads the same tiles: they are prepared once, up front, instead of once per task
+// (for a codebook, B times fewer loads and transposes, and the tiles stay in cache across tasks).
+template <typename A>
+struct SharedTiles {
+  bool on = false;
+  int64_t nkb = 0, tile = 0;  // key blocks per head, elements per tile
+  std::vector<A> kt, kr, vt, vr;
+  const A* at(const std::vector<A>& t, int64_t hk, int64_t kblk) const {
+    return t.empty() ? nullptr : t.data() + (hk * nkb + kblk) * tile;
+  }
+};
+
+template <typename T, typename A, int BK>
+SharedTiles<A> make_shared_tiles(const Problem& pr, const RopeTable<A>& tab, const T* k, const T* v, int64_t dp,
+                                 bool want_kt, bool want_kr, bool want_vt, bool want_vr) {
+  SharedTiles<A> st;
+  if (pr.Bk != 1 || pr.rope_k || pr.B == 1) return st;
+  st.on = true;
+  st.nkb = (pr.Tk + BK - 1) / BK;
+  st.tile = dp * BK;
+  const int64_t n = pr.Hk * st.nkb * st.tile;
+  if (want_kt) st.kt.resize(n);
+  if (want_kr) st.kr.resize(n);
+  if (want_vt) st.vt.resize(n);
+  if (want_vr) st.vr.resize(n);
+  at::parallel_for(0, pr.Hk * st.nkb, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t hk = t / st.nkb, kblk = t % st.nkb, kb = kblk * BK;
+      const int nk = static_cast<int>(std::min<int64_t>(BK, pr.Tk - kb));
+      auto slot = [&](std::vector<A>& x) { return x.empty() ? nullptr : x.data() + t * st.tile; };
+      load_kv_tile<T, A, BK>(pr, tab, 0, k + hk * pr.Tk * pr.d, v + hk * pr.Tk * pr.d, kb, nk, dp, slot(st.kt),
+                             slot(st.kr), slot(st.vt), slot(st.vr));
+    }
+  });
+  return st;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward. A task is a chunk of QC queries of one (batch, head): each key/value tile is loaded
+// (and rotated) once per chunk and reused by its BQ-row sub-tiles.
+constexpr int kChunkQueries = 128;
+
+template <typename T, typename A, int DP, int BK>
+void forward_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* out, A* lse, const RopeTable<A>& tab) {
+  constexpr int QC = kChunkQueries, BQ = kTileQueries;
+  const int64_t d = pr.d, dp = DP > 0 ? DP : round_up(d, Vec<A>::W);
+  const int64_t nqc = (pr.Tq + QC - 1) / QC;
+  const A scale = static_cast<A>(pr.scale);
+  const A ninf = -std::numeric_limits<A>::infinity();
+  const int64_t grain = work_grain(pr.B * pr.Hq * nqc, static_cast<double>(pr.B) * pr.Hq * pr.Tq * pr.Tk * pr.d);
+  const SharedTiles<A> shared = make_shared_tiles<T, A, BK>(pr, tab, k, v, dp, true, false, false, true);
+  at::parallel_for(0, pr.B * pr.Hq * nqc, grain, [&](int64_t t0, int64_t t1) {
+    // Without shared tiles, consecutive tasks of a thread often read the same keys (the query
+    // chunks of one (batch, head), the grouped heads of one kv head): the tiles of the current
+    // (batch, kv head) are kept, each prepared on first use.
+    const bool keep = !shared.on && (nqc > 1 || pr.group > 1);
+    const int64_t nkb = (pr.Tk + BK - 1) / BK;
+    const int64_t kv_tile = shared.on ? 0 : keep ? nkb * dp * BK : dp * BK;
+    std::vector<A> Qs(QC * dp), KT(kv_tile), Vt(kv_tile), S(BQ * BK), O(QC * dp), m(QC), l(QC);
+    std::vector<char> ready(keep ? nkb : 0);
+    int64_t kept_b = -1, kept_hk = -1;
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t qc = task % nqc, h = (task / nqc) % pr.Hq, b = task / (nqc * pr.Hq);
+      const int64_t bk = pr.Bk == 1 ? 0 : b, hk = h / pr.group;
+      const int64_t i0 = qc * QC;
+      const int nrows = static_cast<int>(std::min<int64_t>(QC, pr.Tq - i0));
+      const int nrows4 = static_cast<int>(round_up(nrows, 4));
+      const T* qbase = q + ((b * pr.Hq + h) * pr.Tq + i0) * d;
+      const T* kbase = k + (bk * pr.Hk + hk) * pr.Tk * d;
+      const T* vbase = v + (bk * pr.Hk + hk) * pr.Tk * d;
+      const int64_t qp0 = pr.qpos[b] + i0, kp0 = pr.kpos[b];
+      for (int r = 0; r < nrows4; ++r) {
+        if (r < nrows) {
+          const int64_t row = pr.rope_q ? tab.q_row[b] + i0 + r : 0;
+          rotate_row<T, A>(qbase + r * d, Qs.data() + r * dp, d, dp, scale, pr.rope_q ? tab.cos_row(row) : nullptr,
+                           pr.rope_q ? tab.sin_row(row) : nullptr, A(1));
+        } else {
+          std::fill(Qs.begin() + r * dp, Qs.begin() + (r + 1) * dp, A(0));
+        }
+        m[r] = ninf;
+        l[r] = 0;
+      }
+      std::fill(O.begin(), O.begin() + nrows4 * dp, A(0));
+      int64_t kend = pr.Tk;
+      if (pr.causal) kend = std::max<int64_t>(0, std::min<int64_t>(pr.Tk, qp0 + nrows - kp0));
+      for (int64_t kb = 0; kb < kend; kb += BK) {
+        const int nk = static_cast<int>(std::min<int64_t>(BK, kend - kb));
+        const A* KTb = KT.data();
+        const A* Vb = Vt.data();
+        if (shared.on) {
+          KTb = shared.at(shared.kt, hk, kb / BK);
+          Vb = shared.at(shared.vr, hk, kb / BK);
+        } else if (keep) {
+          const int64_t kblk = kb / BK;
+          if (kept_b != b || kept_hk != hk) {
+            std::fill(ready.begin(), ready.end(), 0);
+            kept_b = b;
+            kept_hk = hk;
+          }
+          A* kt = KT.data() + kblk * dp * BK;
+          A* vr = Vt.data() + kblk * dp * BK;
+          if (!ready[kblk]) {
+            load_kv_tile<T, A, BK>(pr, tab, b, kbase, vbase, kb, std::min<int64_t>(BK, pr.Tk - kb), dp, kt, nullptr,
+                                   nullptr, vr);
+            ready[kblk] = 1;
+          }
+          KTb = kt;
+          Vb = vr;
+        } else {
+          load_kv_tile<T, A, BK>(pr, tab, b, kbase, vbase, kb, nk, dp, KT.data(), nullptr, nullptr, Vt.data());
+        }
+        for (int s0 = 0; s0 < nrows; s0 += BQ) {
+          const int nq = std::min(BQ, nrows - s0);
+          if (pr.causal && qp0 + s0 + nq - 1 < kp0 + kb) continue;  // no row of this sub-tile sees the block
+          const int mq = static_cast<int>(round_up(nq, 4));
+          gemm_auto<A, DP>(mq, BK, static_cast<int>(dp), Qs.data() + s0 * dp, dp, 1, KTb, BK, S.data(), BK,
+                           false);
+          for (int r = 0; r < mq; ++r) {
+            A* srow = S.data() + r * BK;
+            const int lim = r < nq ? visible_keys(pr, qp0 + s0 + r, kp0 + kb, nk) : 0;
+            if (lim <= 0) {
+              std::fill(srow, srow + BK, A(0));
+              continue;
+            }
+            const int rr = s0 + r;
+            const A mnew = std::max(m[rr], row_max<A, BK>(srow, lim));
+            const A corr = m[rr] == ninf ? A(0) : mnew == m[rr] ? A(1) : exp_scalar(m[rr] - mnew);
+            const A sum = exp_row<A, BK>(srow, lim, mnew);
+            l[rr] = l[rr] * corr + sum;
+            m[rr] = mnew;
+            if (corr != A(1))
+              for (int64_t c = 0; c < dp; ++c) O[rr * dp + c] *= corr;
+          }
+          gemm_auto<A, 0>(mq, static_cast<int>(dp), nk, S.data(), BK, 1, Vb, dp, O.data() + s0 * dp, dp, true);
+        }
+      }
+      for (int r = 0; r < nrows; ++r) {
+        T* orow = out + ((b * pr.Hq + h) * pr.Tq + i0 + r) * d;
+        A* lrow = lse + (b * pr.Hq + h) * pr.Tq + i0 + r;
+        if (l[r] > 0) {
+          const A inv = A(1) / l[r];
+          for (int64_t c = 0; c < d; ++c) orow[c] = static_cast<T>(O[r * dp + c] * inv);
+          *lrow = m[r] + std::log(l[r]);
+        } else {
+          for (int64_t c = 0; c < d; ++c) orow[c] = static_cast<T>(0);
+          *lrow = ninf;
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward, one pass (flash-attention-2 style). A task is one (query batch b, kv head hk): it
+// owns dq for the grouped query heads of (b, hk), and dk, dv of (b, hk) when k is not shared.
+// Its queries and output gradients are rotated and staged once; for each key block, each
+// query tile recomputes P = exp(S - lse) and forms dS = P * (dP - D), then
+//   dV += P^T dO,  dK += dS^T (scale R q),  dQ += dS (R k).
+// With a shared k (Bk == 1) the dk, dv of a task are added into per-thread partial sums that are
+// reduced at the end; at::parallel_for hands each thread a fixed contiguous range of tasks, so
+// the summation order, and the result, is the same run to run for a given thread count.
+template <typename T, typename A, int DP>
+void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, const T* v, const A* lse,
+                     const A* Drow, T* dq, A* dk_out, A* dv_out, int64_t partial_stride, int64_t nthreads,
+                     const RopeTable<A>& tab, int64_t grain) {
+  constexpr int BQ = kTileQueries, BK = kTileKeys;
+  const int64_t d = pr.d, dp = DP > 0 ? DP : round_up(d, Vec<A>::W);
+  const int64_t nkb = (pr.Tk + BK - 1) / BK;
+  const int64_t tq4 = round_up(pr.Tq, 4);
+  const A scale = static_cast<A>(pr.scale);
+  const SharedTiles<A> shared = make_shared_tiles<T, A, BK>(pr, tab, k, v, dp, true, true, true, false);
+  // A query tile starts at the first row that sees the key block (any row, not a multiple of 4)
+  // and spans mq = round_up(nq, 4) rows, so it can run up to 3 rows past the last group's staged
+  // rows: those padding rows stay zero (found by the ASan build, .ci/sanitize.sh).
+  const int64_t staged = (pr.group * tq4 + 3) * dp;
+  at::parallel_for(0, pr.B * pr.Hk, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<A> Qs(staged), dO(staged), dQ(staged), L(pr.group * tq4), Dv(pr.group * tq4);
+    const int64_t kv_tile = shared.on ? 0 : dp * BK;
+    std::vector<A> KT(kv_tile), Kr(kv_tile), VT(kv_tile), S(BQ * BK), dP(BQ * BK), dKT(kv_tile), dVT(kv_tile);
+    // With shared tiles (k shared and not rotated), this thread's dk^T, dv^T stay in tile layout
+    // across all its tasks: the gemms accumulate into them directly and the transpose back to
+    // k's layout happens once per thread instead of once per task and key block.
+    const int64_t acc_size = shared.on ? pr.Hk * nkb * dp * BK : 0;
+    std::vector<A> dK_tiles(acc_size, A(0)), dV_tiles(acc_size, A(0));
+    const int64_t tid = pr.Bk == 1 ? at::get_thread_num() : 0;
+    TORCH_CHECK(tid < nthreads, "rope_attention backward: unexpected thread index");
+    A* dk_part = dk_out + tid * partial_stride;
+    A* dv_part = dv_out + tid * partial_stride;
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t hk = task % pr.Hk, b = task / pr.Hk;
+      const int64_t bk = pr.Bk == 1 ? 0 : b;
+      const int64_t qs = pr.qpos[b], ks = pr.kpos[b];
+      for (int64_t g = 0; g < pr.group; ++g) {
+        const int64_t rowbase = (b * pr.Hq + hk * pr.group + g) * pr.Tq;
+        for (int64_t i = 0; i < tq4; ++i) {
+          A* qrow = Qs.data() + (g * tq4 + i) * dp;
+          A* orow = dO.data() + (g * tq4 + i) * dp;
+          if (i < pr.Tq) {
+            const int64_t row = pr.rope_q ? tab.q_row[b] + i : 0;
+            rotate_row<T, A>(q + (rowbase + i) * d, qrow, d, dp, scale, pr.rope_q ? tab.cos_row(row) : nullptr,
+                             pr.rope_q ? tab.sin_row(row) : nullptr, A(1));
+            rotate_row<T, A>(gout + (rowbase + i) * d, orow, d, dp, A(1), nullptr, nullptr, A(1));
+            L[g * tq4 + i] = lse[rowbase + i];
+            Dv[g * tq4 + i] = Drow[rowbase + i];
+          } else {
+            std::fill(qrow, qrow + dp, A(0));
+            std::fill(orow, orow + dp, A(0));
+          }
+        }
+      }
+      std::fill(dQ.begin(), dQ.end(), A(0));
+      const int64_t kvbase = (bk * pr.Hk + hk) * pr.Tk * d;
+      for (int64_t kblk = 0; kblk < nkb; ++kblk) {
+        const int64_t kb = kblk * BK;
+        const int nk = static_cast<int>(std::min<int64_t>(BK, pr.Tk - kb));
+        // first query row that sees key kb
+        const int64_t qstart = pr.causal ? std::max<int64_t>(0, ks + kb - qs) : 0;
+        if (qstart >= pr.Tq) break;
+        const A* KTb = KT.data();
+        const A* Krb = Kr.data();
+        const A* VTb = VT.data();
+        if (shared.on) {
+          KTb = shared.at(shared.kt, hk, kblk);
+          Krb = shared.at(shared.kr, hk, kblk);
+          VTb = shared.at(shared.vt, hk, kblk);
+        } else {
+          load_kv_tile<T, A, BK>(pr, tab, b, k + kvbase, v + kvbase, kb, nk, dp, KT.data(), Kr.data(), VT.data(),
+                                 nullptr);
+        }
+        A* dKTb = dKT.data();
+        A* dVTb = dVT.data();
+        if (shared.on) {
+          dKTb = dK_tiles.data() + (hk * nkb + kblk) * dp * BK;
+          dVTb = dV_tiles.data() + (hk * nkb + kblk) * dp * BK;
+        } else {
+          std::fill(dKT.begin(), dKT.end(), A(0));
+          std::fill(dVT.begin(), dVT.end(), A(0));
+        }
+        for (int64_t g = 0; g < pr.group; ++g) {
+          for (int64_t i0 = qstart; i0 < pr.Tq; i0 += BQ) {
+            const int nq = static_cast<int>(std::min<int64_t>(BQ, pr.Tq - i0));
+            const int mq = static_cast<int>(round_up(nq, 4));
+            const int64_t ro = g * tq4 + i0;  // staged row of the tile's first query
+            const A* Qt = Qs.data() + ro * dp;
+            const A* dOt = dO.data() + ro * dp;
+            gemm_auto<A, DP>(mq, BK, static_cast<int>(dp), Qt, dp, 1, KTb, BK, S.data(), BK, false);
+            gemm_auto<A, DP>(mq, BK, static_cast<int>(dp), dOt, dp, 1, VTb, BK, dP.data(), BK, false);
+            for (int r = 0; r < mq; ++r) {
+              A* srow = S.data() + r * BK;
+              A* dprow = dP.data() + r * BK;
+              const int lim = r < nq ? visible_keys(pr, qs + i0 + r, ks + kb, nk) : 0;
+              if (lim <= 0) {
+                std::fill(srow, srow + BK, A(0));
+                std::fill(dprow, dprow + BK, A(0));
+                continue;
+              }
+              exp_row<A, BK>(srow, lim, L[ro + r]);
+              const A Di = Dv[ro + r];
+              for (int j = 0; j < BK; ++j) dprow[j] = srow[j] * (dprow[j] - Di);  // dS
+            }
+            gemm_auto<A, 0>(static_cast<int>(dp), BK, mq, dOt, 1, dp, S.data(), BK, dVTb, BK, true);
+            gemm_auto<A, 0>(static_cast<int>(dp), BK, mq, Qt, 1, dp, dP.data(), BK, dKTb, BK, true);
+            gemm_auto<A, 0>(mq, static_cast<int>(dp), nk, dP.data(), BK, 1, Krb, dp, dQ.data() + ro * dp, dp,
+                            true);
+          }
+        }
+        if (shared.on) continue;  // accumulated in this thread's tiles, written out after its last task
+        // dk back to k's frame (R^T at this batch's key positions); add into this task's output
+        A* dkd = dk_part + (hk * pr.Tk + kb) * d + (pr.Bk == 1 ? 0 : b * pr.Hk * pr.Tk * d);
+        A* dvd = dv_part + (hk * pr.Tk + kb) * d + (pr.Bk == 1 ? 0 : b * pr.Hk * pr.Tk * d);
+        for (int j = 0; j < nk; ++j) {
+          if (pr.rope_k) {
+            const int64_t row = tab.k_row[b] + kb + j;
+            const A* cs = tab.cos_row(row);
+            const A* sn = tab.sin_row(row);
+            for (int64_t i = 0; i < d / 2; ++i) {
+              const A g0 = dKT[(2 * i) * BK + j], g1 = dKT[(2 * i + 1) * BK + j];
+              dkd[j * d + 2 * i] += g0 * cs[i] + g1 * sn[i];
+              dkd[j * d + 2 * i + 1] += -g0 * sn[i] + g1 * cs[i];
+            }
+          } else {
+            for (int64_t c = 0; c < d; ++c) dkd[j * d + c] += dKT[c * BK + j];
+          }
+          for (int64_t c = 0; c < d; ++c) dvd[j * d + c] += dVT[c * BK + j];
+        }
+      }
+      for (int64_t g = 0; g < pr.group; ++g) {
+        const int64_t rowbase = (b * pr.Hq + hk * pr.group + g) * pr.Tq;
+        for (int64_t i = 0; i < pr.Tq; ++i) {
+          const int64_t row = pr.rope_q ? tab.q_row[b] + i : 0;
+          A tmp[128];
+          rotate_row<A, A>(dQ.data() + (g * tq4 + i) * dp, tmp, d, d, scale, pr.rope_q ? tab.cos_row(row) : nullptr,
+                           pr.rope_q ? tab.sin_row(row) : nullptr, A(-1));
+          T* dst = dq + (rowbase + i) * d;
+          for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<T>(tmp[c]);
+        }
+      }
+    }
+    if (shared.on) {  // k is not rotated here (shared tiles need !rope_k): a plain transpose
+      for (int64_t hk = 0; hk < pr.Hk; ++hk)
+        for (int64_t kblk = 0; kblk < nkb; ++kblk) {
+          const int64_t kb = kblk * BK;
+          const int nk = static_cast<int>(std::min<int64_t>(BK, pr.Tk - kb));
+          const A* gk = dK_tiles.data() + (hk * nkb + kblk) * dp * BK;
+          const A* gv = dV_tiles.data() + (hk * nkb + kblk) * dp * BK;
+          A* dkd = dk_part + (hk * pr.Tk + kb) * d;
+          A* dvd = dv_part + (hk * pr.Tk + kb) * d;
+          for (int j = 0; j < nk; ++j)
+            for (int64_t c = 0; c < d; ++c) {
+              dkd[j * d + c] += gk[c * BK + j];
+              dvd[j * d + c] += gv[c * BK + j];
+            }
+        }
+    }
+  });
+}
+
+template <typename F>
+void dispatch_head_size(int64_t dp, F&& f) {
+  switch (dp) {
+    case 8: f(std::integral_constant<int, 8>()); break;
+    case 16: f(std::integral_constant<int, 16>()); break;
+    case 64: f(std::integral_constant<int, 64>()); break;
+    default: f(std::integral_constant<int, 0>()); break;
+  }
+}
+
+
+// Entry points of this instruction set (the accumulation type is the input type here).
+template <typename T>
+void run_forward(const Problem& pr, const T* q, const T* k, const T* v, T* out, T* lse, const RopeTable<T>& tab) {
+  dispatch_head_size(round_up(pr.d, Vec<T>::W), [&](auto DPc) {
+    constexpr int DP = decltype(DPc)::value;
+    // Head size 8 over many keys takes tiles twice as wide: the per-row softmax bookkeeping is
+    // then spread over twice the scores (short key ranges would only pad more).
+    if (DP == 8 && pr.Tk >= 512)
+      forward_kernel<T, T, DP, 2 * kTileKeys>(pr, q, k, v, out, lse, tab);
+    else
+      forward_kernel<T, T, DP, kTileKeys>(pr, q, k, v, out, lse, tab);
+  });
+}
+
+template <typename T>
+void run_backward(const Problem& pr, const T* gout, const T* q, const T* k, const T* v, const T* lse, const T* Drow,
+                  T* dq, T* dk_out, T* dv_out, int64_t partial_stride, int64_t nthreads, const RopeTable<T>& tab,
+                  int64_t grain) {
+  dispatch_head_size(round_up(pr.d, Vec<T>::W), [&](auto DPc) {
+    backward_kernel<T, T, decltype(DPc)::value>(pr, gout, q, k, v, lse, Drow, dq, dk_out, dv_out, partial_stride,
+                                                nthreads, tab, grain);
+  });
+}
