@@ -15,6 +15,19 @@ def _plt():
     return plt
 
 
+def _wrap(title: str, width: int = 90) -> str:
+    """Run names are long; break titles after '_' or a space so they never run off the figure."""
+    import re
+
+    lines, line = [], ""
+    for piece in re.findall(r"[^_ ]*[_ ]?", title):
+        if line and len(line) + len(piece) > width:
+            lines.append(line.rstrip())
+            line = ""
+        line += piece
+    return "\n".join(lines + [line.rstrip()])
+
+
 def plot_forecast(values, prediction, start: int, path: str, *, title: str, label: str,
                   context: int | None = None, x=None, xlabel: str = "step", ylabel: str = "value") -> None:
     """The series (truth) with a forecast of points ``start..start+len(prediction)-1`` over it."""
@@ -32,7 +45,7 @@ def plot_forecast(values, prediction, start: int, path: str, *, title: str, labe
         step = (xs[-1] - xs[-2]) if len(xs) > 1 else 1
         fx = xs[-1] + step * np.arange(1, len(prediction) - n + 1)
         ax.plot(fx, np.asarray(prediction)[n:], color="#d62728", lw=1.1, ls="--")
-    ax.set_title(title)
+    ax.set_title(_wrap(title), fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -51,7 +64,7 @@ def plot_losses(history: list[dict], path: str, *, title: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("MSE (normalised)")
-    ax.set_title(title)
+    ax.set_title(_wrap(title), fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
@@ -75,7 +88,7 @@ def plot_codebook_usage(counts: list[np.ndarray], path: str, *, title: str) -> N
     if not counts:
         axes[0, 0].text(0.5, 0.5, "no codebook found in this model", ha="center", va="center")
     axes[-1, 0].set_xlabel("code rank (by use)")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(_wrap(title), fontsize=10)
     fig.tight_layout()
     atomic_savefig(fig, path)
     plt.close(fig)
@@ -96,7 +109,7 @@ def plot_comparison(names: list[str], values: list[float], path: str, *, title: 
         ax.axvline(reference, color="#d62728", ls="--", label=reference_label)
         ax.legend(fontsize=8)
     ax.set_xlabel(xlabel)
-    ax.set_title(title)
+    ax.set_title(_wrap(title), fontsize=10)
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     atomic_savefig(fig, path)
