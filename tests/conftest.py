@@ -3,6 +3,10 @@ import os
 import pytest
 import torch
 
+# Subprocesses (`python -m vqext ...`) must import the installed vqext, not the source tree in the
+# working directory: after a non-editable install only the installed copy has the native build.
+os.environ["PYTHONSAFEPATH"] = "1"
+
 
 # Set by .ci/sanitize.sh: the op tests must run against the ASan/UBSan build, never silently on
 # the reference ops; tests marked no_sanitize (slow and not about memory safety) are skipped.

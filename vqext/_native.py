@@ -29,6 +29,12 @@ def _load() -> None:
             f"{torch.__version__} is installed; reinstall vqext with --no-build-isolation"
         )
         return
+    import importlib.util
+
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        _state["error"] = (f"the native extension is not built next to {os.path.dirname(__file__)} "
+                           "(a source checkout without a build? see README)")
+        return
     try:
         from . import _C  # noqa: F401  (registers torch.ops.vqext.*)
     except Exception as exc:  # ImportError, OSError (missing symbols), ...

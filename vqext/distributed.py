@@ -19,6 +19,7 @@ statistics) follow rank 0's part of each batch (DDP broadcasts rank 0's buffers 
 """
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -168,8 +169,18 @@ def setup(device: str) -> Context:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo", rank=rank, world_size=world)
+        # Leaving the group at exit joins the backend's threads; a process that exits with them
+        # still running can abort ("terminate called without an active exception").
+        atexit.register(_leave_group)
     _CONTEXT = Context(rank=rank, world_size=world, local_rank=local)
     return _CONTEXT
+
+
+def _leave_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def current() -> Context:
