@@ -71,8 +71,9 @@ def test_codebook_attention_rejects_bad_input_shape():
 def explicit_causal_attention(layer, x, start_pos=0):
     B, T, _ = x.shape
     H, Hk, hd = layer.heads, layer.kv_heads, layer.head_dim
-    q = layer.q_proj(x).view(B, T, H, hd).transpose(1, 2)
-    k, v = layer.kv_proj(x).view(B, T, 2, Hk, hd).permute(2, 0, 3, 1, 4)
+    w = layer.qkv_proj.weight  # rows: q's, then k's, then v's
+    q = (x @ w[:H * hd].T).view(B, T, H, hd).transpose(1, 2)
+    k, v = (x @ w[H * hd:].T).view(B, T, 2, Hk, hd).permute(2, 0, 3, 1, 4)
     if layer.rope:
         q, k = apply_rope_reference(q, start_pos), apply_rope_reference(k, start_pos)
     k, v = k.repeat_interleave(H // Hk, 1), v.repeat_interleave(H // Hk, 1)

@@ -34,7 +34,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..nn.attention import CausalSelfAttention
-from ..nn.kv_cache import KVCache
+from .. import _native
+from ..nn.kv_cache import KVCache, SlidingBuffer
 from ._common import Quantize, check_common, check_input, check_pe_width, head_size
 from .base import ForecastModel
 
@@ -74,14 +75,17 @@ class VQFormerCache(KVCache):
                  input_len: int = 0):
         super().__init__(num_layers, max_len, start_pos)
         self.input_len = input_len
-        self.inputs: torch.Tensor | None = None
+        self._input_keep = max(1, input_len if max_len is None else min(input_len, max_len))
+        self._inputs = SlidingBuffer(self._input_keep, dim=1)
+
+    @property
+    def inputs(self) -> torch.Tensor | None:
+        """The held inputs ``(B, m, 1)``, newest last (None before the first step)."""
+        return self._inputs.held()
 
     def append_inputs(self, x_t: torch.Tensor) -> torch.Tensor:
         """Add ``x_t`` ``(B, n, 1)``; returns the held history ending with it (``(B, m, 1)``)."""
-        seq = x_t if self.inputs is None else torch.cat((self.inputs, x_t), 1)
-        keep = max(1, self.input_len if self.max_len is None else min(self.input_len, self.max_len))
-        self.inputs = seq[:, -keep:]
-        return seq[:, -(keep + x_t.shape[1] - 1):]
+        return self._inputs.append(x_t, self._input_keep + x_t.shape[1] - 1)
 
     def reset(self, start_pos: int | torch.Tensor = 0) -> None:
         self.__init__(self.num_layers, self.max_len, start_pos, self.input_len)
@@ -200,10 +204,16 @@ class VQFormer(ForecastModel):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         inputs = self.ar_skip.kernel_size[0] if self.ar_skip is not None else 0
+        self._plan = None  # re-gathered on the first fast step, in case parameters were replaced
         return VQFormerCache(len(self.blocks), max_len, start_pos, input_len=inputs)
 
     def step(self, x_t: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Predictions for new steps ``x_t`` ``(B, n, 1)`` (usually n = 1) at ``cache.pos``."""
+        """Predictions for new steps ``x_t`` ``(B, n, 1)`` (usually n = 1) at ``cache.pos``.
+
+        Without autograd (``torch.no_grad``/``inference_mode``), a single step on the native
+        kernels takes :meth:`_decode_one`, the same computation with the Python overhead of the
+        module calls cut; it skips module hooks. Set ``fast_decode = False`` to always run the modules.
+        """
         check_input(self, x_t, "x_t")
         if cache.num_layers != len(self.blocks):
             raise ValueError(f"the cache has {cache.num_layers} layers but the model has {len(self.blocks)}; "
@@ -211,7 +221,103 @@ class VQFormer(ForecastModel):
         if self.ar_skip is not None and not isinstance(cache, VQFormerCache):
             raise ValueError("this model's AR skip path needs the inputs held by a VQFormerCache; make the cache "
                              "with model.init_cache")
-        history = cache.append_inputs(x_t) if self.ar_skip is not None else None
-        y = self._run(x_t, cache.pos, cache, history)
+        if (self.fast_decode and x_t.shape[1] == 1 and not torch.is_grad_enabled()
+                and x_t.dtype in (torch.float32, torch.float64) and _native.use_native(x_t)):
+            y = self._decode_one(x_t, cache)
+        else:
+            history = cache.append_inputs(x_t) if self.ar_skip is not None else None
+            y = self._run(x_t, cache.pos, cache, history)
         cache.advance(x_t.shape[1])
         return y
+
+    #: Whether :meth:`step` may take the inference fast path (:meth:`_decode_one`).
+    fast_decode: bool = True
+
+    def _decode_plan(self) -> tuple[list[tuple], tuple]:
+        """Per block, the tensors and sizes :meth:`_decode_one` reads, gathered once per cache: module
+        attribute look-ups cost more than the step's arithmetic. It holds the parameters themselves
+        (not copies), so in-place updates (optimisers, ``load_state_dict``) stay visible."""
+        def norm(ln: nn.LayerNorm):
+            return ln.normalized_shape, ln.weight, ln.bias, ln.eps
+
+        def linear(proj: nn.Module):
+            return (proj.weight, proj.bias) if isinstance(proj, nn.Linear) else None
+
+        plan = []
+        for block in self.blocks:
+            attn, quantize = block.attn, block.quantize
+            soft = quantize.kind == "soft"
+            plan.append((
+                norm(block.norm_attn), (attn.qkv_proj.weight, attn.qkv_proj.bias),
+                (attn.heads, attn.kv_heads, attn.head_dim, attn.rope, attn.rope_base, attn.head_dim ** -0.5),
+                (attn.out_proj.weight, attn.out_proj.bias), norm(block.norm_code),
+                linear(block.code_in), linear(block.code_out),
+                (quantize.codes.codebook, quantize.codes.scale) if soft else None, block))
+        ar = None
+        if self.ar_skip is not None:
+            L = self.ar_skip.kernel_size[0]
+            ar = (L, self.ar_skip.weight.view(1, L), self.ar_skip.bias)
+        head = ((self.encoder.weight, self.encoder.bias), norm(self.norm_out), (self.decoder.weight, self.decoder.bias),
+                ar)
+        return plan, head
+
+    def _decode_one(self, x_t: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One decoding step of the blocks' math, calling the functional ops and the native kernels
+        directly: at T = 1 the modules' per-call overhead is most of the time (and under
+        ``torch.inference_mode`` the native ops also skip the autograd layer). Kept equal to the
+        module path by tests (tests/test_models.py: fast against module decoding)."""
+        attn_op, rotate = torch.ops.vqext.rope_attention_fwd, torch.ops.vqext.apply_rope
+        plan = self.__dict__.get("_plan")
+        if plan is None:
+            plan = self._plan = self._decode_plan()
+        blocks, (encoder, norm_out, decoder, ar) = plan
+        B = x_t.shape[0]
+        pos_int, pos_t = _split_offset(cache.pos, x_t.device)
+        h = F.linear(x_t, *encoder)
+        if self.input_pe is not None:
+            h = self.input_pe(h, cache.pos)
+        D = h.shape[-1]
+        for layer, (norm_attn, qkv_proj, shape, out_proj, norm_code, code_in, code_out, codes,
+                    block) in enumerate(blocks):
+            heads, kv_heads, hd, rope, base, scale = shape
+            qkv = F.linear(torch.layer_norm(h, *norm_attn), *qkv_proj)
+            q = qkv[..., :heads * hd].view(B, 1, heads, hd).transpose(1, 2)
+            kv, k_offset = cache.append_kv(
+                layer, qkv[..., heads * hd:].view(B, 1, 2, kv_heads, hd).permute(2, 0, 3, 1, 4))
+            k_all, v_all = kv[0], kv[1]
+            if rope:  # as CausalSelfAttention: the new key is stored rotated (here rotated in place)
+                new_key = k_all[..., -1:, :]
+                new_key.copy_(rotate(new_key, pos_int, pos_t, base, False))
+            k_int, k_t = _split_offset(k_offset, x_t.device)
+            out = attn_op(q, k_all, v_all, pos_int, pos_t, k_int, k_t, True, rope, False, scale, base)[0]
+            h = h + F.linear(out.transpose(1, 2).reshape(B, 1, D), *out_proj)
+            if codes is not None:  # soft quantiser: attention over the head's codebook
+                cq = torch.layer_norm(h, *norm_code)
+                if code_in is not None:
+                    cq = F.linear(cq, *code_in)
+                codebook, code_scale = codes
+                codebook = codebook.to(cq.dtype).unsqueeze(0)
+                quantized = attn_op(cq.view(B, 1, heads, hd).transpose(1, 2), codebook, codebook, 0, None, 0, None,
+                                    False, False, False, code_scale, 10000.0)[0]
+            else:
+                quantized, _ = block.quantize(block.code_queries(h))
+            quantized = quantized.transpose(1, 2).reshape(B, 1, D)
+            h = h + (F.linear(quantized, *code_out) if code_out is not None else block.code_out(quantized))
+        y = F.linear(torch.layer_norm(h, *norm_out), *decoder)
+        if ar is not None:
+            history = cache.append_inputs(x_t)
+            L, ar_weight, ar_bias = ar
+            if history.shape[1] >= L:  # the filter is a dot product with the last L inputs
+                y = y + F.linear(history[:, -L:].reshape(B, 1, L), ar_weight, ar_bias)
+            else:
+                y = y + self._ar(history, 1)
+        return x_t + y if self.residual else y
+
+
+def _split_offset(offset, device) -> tuple[int, torch.Tensor | None]:
+    """The native ops' (int, per-batch tensor) form of a position."""
+    if isinstance(offset, torch.Tensor):
+        return 0, offset.to(device=device, dtype=torch.int64).reshape(-1)
+    return int(offset), None
+
+

@@ -101,8 +101,9 @@ class CausalSelfAttention(nn.Module):
 
     ``forward(x, start_pos=0, cache=None, layer=0)``: ``x`` ``(B, T, d_model)`` at absolute
     positions ``start_pos + t``. With a :class:`KVCache` the positions come from ``cache.pos``
-    (``start_pos`` is ignored), the new keys are appended to the cache's ``layer`` slot and the
-    queries attend to the cached window plus themselves; the caller advances the cache.
+    (``start_pos`` is ignored), the new keys (rotated for RoPE) and values are appended to the
+    cache's ``layer`` slot and the queries attend to the cached window plus themselves; the caller
+    advances the cache.
     """
 
     def __init__(self, d_model: int, heads: int, kv_heads: int | None = None, rope: bool = False,
@@ -118,27 +119,46 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(f"rope needs an even head size: d_model {d_model} / heads {heads} = {self.head_dim}")
         self.rope = bool(rope)
         self.rope_base = float(rope_base)
-        self.q_proj = nn.Linear(d_model, heads * self.head_dim, bias=bias)
-        self.kv_proj = nn.Linear(d_model, 2 * self.kv_heads * self.head_dim, bias=bias)
+        # One projection for q, k and v (one matmul per call); its rows are q's, then k's, then v's,
+        # initialised exactly as separate q and kv projections would be.
+        self.qkv_proj = nn.Linear(d_model, (heads + 2 * self.kv_heads) * self.head_dim, bias=bias)
         self.out_proj = nn.Linear(heads * self.head_dim, d_model, bias=bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before the projections were fused hold q_proj and kv_proj
+        for part in ("weight", "bias"):
+            q, kv = state_dict.get(f"{prefix}q_proj.{part}"), state_dict.get(f"{prefix}kv_proj.{part}")
+            if q is not None and kv is not None and f"{prefix}qkv_proj.{part}" not in state_dict:
+                state_dict[f"{prefix}qkv_proj.{part}"] = torch.cat((state_dict.pop(f"{prefix}q_proj.{part}"),
+                                                                    state_dict.pop(f"{prefix}kv_proj.{part}")))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def project(self, x: torch.Tensor):
+        """``(q, kv)``: q ``(B, heads, T, head_dim)`` and k, v stacked as ``(2, B, kv_heads, T, head_dim)``."""
+        B, T, _ = x.shape
+        qkv = self.qkv_proj(x)
+        split = self.heads * self.head_dim
+        q = qkv[..., :split].view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        kv = qkv[..., split:].view(B, T, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return q, kv
 
     def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor = 0, cache: KVCache | None = None,
                 layer: int = 0) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"CausalSelfAttention: x must be (B, T, {self.d_model}), got shape {tuple(x.shape)}")
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
-        k, v = self.kv_proj(x).view(B, T, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, kv = self.project(x)
         if cache is None:
+            k, v = kv.unbind(0)
             out = rope_attention(q, k, v, causal=True, rope_q=self.rope, rope_k=self.rope,
                                  q_offset=start_pos, k_offset=start_pos, base=self.rope_base)
         else:
-            pos = cache.pos
-            if self.rope:  # cached keys are stored rotated, so they are never rotated again
-                k = apply_rope(k, pos, self.rope_base)
-            k_all, v_all, k_offset = cache.append(layer, k, v)
-            out = rope_attention(q, k_all, v_all, causal=True, rope_q=self.rope, rope_k=False,
-                                 q_offset=pos, k_offset=k_offset, base=self.rope_base)
+            if self.rope:  # cached keys are stored rotated, so no step rotates the window again
+                kv = torch.stack((apply_rope(kv[0], cache.pos, self.rope_base), kv[1]))
+            kv, k_offset = cache.append_kv(layer, kv)
+            k, v = kv[0], kv[1]
+            out = rope_attention(q, k, v, causal=True, rope_q=self.rope, rope_k=False,
+                                 q_offset=cache.pos, k_offset=k_offset, base=self.rope_base)
         return self.out_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
     def extra_repr(self) -> str:
