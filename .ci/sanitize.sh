@@ -37,7 +37,7 @@ export LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=lib
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:detect_odr_violation=0:alloc_dealloc_mismatch=0:new_delete_type_mismatch=0:log_path=$san/sanitizer"
 export UBSAN_OPTIONS="halt_on_error=1:abort_on_error=1:print_stacktrace=1:log_path=$san/sanitizer"
 export VQEXT_REQUIRE_SANITIZED=1 HYPOTHESIS_PROFILE=sanitize
-tests=(tests/test_nearest_code.py tests/test_apply_rope.py tests/test_rope_attention.py tests/test_fuzz_ops.py)
+tests=(tests/test_nearest_code.py tests/test_apply_rope.py tests/test_rope_attention.py tests/test_fuzz_ops.py tests/test_decode.py)
 existing=()
 for t in "${tests[@]}"; do [ -f "$t" ] && existing+=("$t"); done
 cd "$san"  # so `import vqext` finds the sanitized copy first

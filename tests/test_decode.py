@@ -132,3 +132,87 @@ def test_checkpoints_with_separate_q_and_kv_projections_still_load():
     fresh.load_state_dict(old)
     x = torch.randn(2, 12, 1)
     assert torch.equal(fresh(x), model(x))
+
+
+# ---------------------------------------------------------------- the native step (vqformer_decode_step)
+
+native = pytest.mark.skipif(not hasattr(torch.ops.vqext, "vqformer_decode_step") or
+                            not vqext._native.native_available(), reason="native extension not built")
+NATIVE_CONFIGS = [
+    dict(pe="rope"),
+    dict(pe="none", kv_heads=2),
+    dict(pe="rope", kv_heads=1, codebook_projections=False, residual=False, depth=3),
+    dict(pe="rope", ar_skip=30),   # a filter longer than the window: the oldest input repeats
+    dict(pe="none", ar_skip=0, heads=1),
+]
+
+
+def _model(config, dtype=torch.float32):
+    config = dict(config)
+    pe = config.pop("pe")
+    torch.manual_seed(0)
+    hp = dict(vocab_size=16, d_model=16, heads=4, depth=2, time_steps=24)
+    hp.update(config)
+    return vqext.create_model("vqformer", pe, **hp).eval().to(dtype)
+
+
+@native
+@pytest.mark.parametrize("config", NATIVE_CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch, window", [(1, None), (3, 6), (20, 5)])
+def test_native_step_equals_op_by_op_and_module_paths(config, dtype, batch, window, monkeypatch):
+    model = _model(config, dtype)
+    assert model._native_decode_args() is not None
+    x = torch.randn(batch, 24, 1, dtype=dtype)
+    slow = _decode(model, x, window, 5, False, torch.no_grad)
+    native_out = _decode(model, x, window, 5, True, torch.inference_mode)
+    monkeypatch.setattr(type(model), "_native_decode_args", lambda self: None)
+    ops_out = _decode(model, x, window, 5, True, torch.inference_mode)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert rel_err(native_out, slow) <= tol
+    assert rel_err(ops_out, slow) <= tol
+
+
+@native
+def test_native_step_is_taken_where_it_applies():
+    assert _model(dict(pe="rope"))._native_decode_args() is not None
+    assert _model(dict(pe="sinpe"))._native_decode_args() is None          # added table: op-by-op path
+    assert _model(dict(pe="rope", quantizer="hard"))._native_decode_args() is None
+
+
+def _step_args(batch=2):
+    model = _model(dict(pe="rope"))
+    cache = model.init_cache(batch, max_len=6)
+    with torch.inference_mode():
+        model.step(torch.randn(batch, 3, 1), cache)
+    params, sizes, scalars, _ = model._native_decode_args()
+    kv, kv_index = cache.reserve_kv(1)
+    inputs, input_index = cache.reserve_input()
+    return [torch.randn(batch, 1, 1), params, kv, kv_index, inputs, input_index, sizes, scalars, cache.pos]
+
+
+@native
+def test_native_step_opcheck():
+    args = _step_args()
+    args[1] = [None if p is None else p.detach() for p in args[1]]
+    torch.library.opcheck(torch.ops.vqext.vqformer_decode_step.default, tuple(args),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@native
+@pytest.mark.parametrize("change, message", [
+    (lambda a: a.__setitem__(0, torch.randn(2, 2, 1)), r"x must be \(B, 1, 1\)"),
+    (lambda a: a.__setitem__(1, [a[1][0].double()] + list(a[1][1:])), "parameter 0 must be a Float tensor"),
+    (lambda a: a.__setitem__(1, a[1][:-1]), "expected 34 parameters"),
+    (lambda a: a.__setitem__(2, [k[:, :1] for k in a[2]]), r"kv\[0\] must be a contiguous"),
+    (lambda a: a.__setitem__(3, [0, 0, 99] * 2), "kv_index of layer 0 is out of range"),
+    (lambda a: a.__setitem__(5, [0, 5, 99]), "input_index is out of range"),
+    (lambda a: a.__setitem__(6, [2, 4, 3, 4, 1, 1]), "bad sizes"),
+    (lambda a: a.__setitem__(8, -1), "pos must be >= 0"),
+])
+def test_native_step_rejects_bad_arguments(change, message):
+    args = _step_args()
+    with torch.inference_mode():
+        change(args)
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.vqext.vqformer_decode_step(*args)

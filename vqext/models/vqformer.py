@@ -87,6 +87,13 @@ class VQFormerCache(KVCache):
         """Add ``x_t`` ``(B, n, 1)``; returns the held history ending with it (``(B, m, 1)``)."""
         return self._inputs.append(x_t, self._input_keep + x_t.shape[1] - 1)
 
+    def allocated(self) -> bool:
+        return super().allocated() and (self.input_len == 0 or self._inputs.storage is not None)
+
+    def reserve_input(self) -> tuple[torch.Tensor, list[int]]:
+        """Room for one input written by a kernel: ``(storage (B, capacity, 1), [write_at, first, visible])``."""
+        return self._inputs.storage, list(self._inputs.reserve(1, self._input_keep))
+
     def reset(self, start_pos: int | torch.Tensor = 0) -> None:
         self.__init__(self.num_layers, self.max_len, start_pos, self.input_len)
 
@@ -259,7 +266,59 @@ class VQFormer(ForecastModel):
             ar = (L, self.ar_skip.weight.view(1, L), self.ar_skip.bias)
         head = ((self.encoder.weight, self.encoder.bias), norm(self.norm_out), (self.decoder.weight, self.decoder.bias),
                 ar)
-        return plan, head
+        return plan, head, self._native_decode_args()
+
+    def _native_decode_args(self) -> tuple | None:
+        """``(params, sizes, scalars)`` for ``torch.ops.vqext.vqformer_decode_step``, or None where the
+        native step does not cover the model (hard quantiser, an added encoding, mixed dtypes,
+        custom layer-norm settings); those decode on :meth:`_decode_one`'s op-by-op path."""
+        if not _native.native_available() or not hasattr(torch.ops.vqext, "vqformer_decode_step"):
+            return None
+        if self.input_pe is not None or any(b.quantize.kind != "soft" for b in self.blocks):
+            return None
+        norms = [self.norm_out] + [n for b in self.blocks for n in (b.norm_attn, b.norm_code)]
+        if any(n.weight is None or n.bias is None or n.eps != norms[0].eps for n in norms):
+            return None
+        first = self.blocks[0]
+        shape = (first.attn.heads, first.attn.kv_heads, first.attn.head_dim, first.attn.rope, first.attn.rope_base,
+                 first.quantize.codes.scale)
+        params: list[torch.Tensor | None] = []
+        for b in self.blocks:
+            a, codes = b.attn, b.quantize.codes
+            if (a.heads, a.kv_heads, a.head_dim, a.rope, a.rope_base, codes.scale) != shape or codes.heads != a.heads:
+                return None
+            code_in = b.code_in if isinstance(b.code_in, nn.Linear) else None
+            code_out = b.code_out if isinstance(b.code_out, nn.Linear) else None
+            if (code_in is None) != isinstance(b.code_in, nn.Identity) or (code_out is None) != isinstance(b.code_out, nn.Identity):
+                return None
+            params += [b.norm_attn.weight, b.norm_attn.bias, a.qkv_proj.weight, a.qkv_proj.bias, a.out_proj.weight,
+                       a.out_proj.bias, b.norm_code.weight, b.norm_code.bias,
+                       None if code_in is None else code_in.weight, None if code_in is None else code_in.bias,
+                       codes.codebook,
+                       None if code_out is None else code_out.weight, None if code_out is None else code_out.bias]
+        params += [self.encoder.weight, self.encoder.bias, self.norm_out.weight, self.norm_out.bias,
+                   self.decoder.weight, self.decoder.bias,
+                   None if self.ar_skip is None else self.ar_skip.weight, None if self.ar_skip is None else self.ar_skip.bias]
+        dtypes = {t.dtype for t in params if t is not None}
+        if len(dtypes) != 1 or any(t.device.type != "cpu" for t in params if t is not None):
+            return None
+        heads, kv_heads, hd, rope, base, code_scale = shape
+        sizes = [len(self.blocks), heads, kv_heads, hd, int(rope), int(self.residual)]
+        scalars = [float(base), hd ** -0.5, float(code_scale), float(norms[0].eps)]
+        return params, sizes, scalars, dtypes.pop()
+
+    def _decode_native(self, x_t: torch.Tensor, cache: KVCache, native: tuple) -> torch.Tensor | None:
+        """The whole step in one native call (``vqformer_decode_step``); None before the cache holds
+        storage for every layer (the first append sizes it)."""
+        params, sizes, scalars, _ = native
+        if not cache.allocated():
+            return None
+        inputs, input_index = _NO_INPUTS, [0, 0, 0]
+        kv, kv_index = cache.reserve_kv(1)
+        if self.ar_skip is not None:
+            inputs, input_index = cache.reserve_input()
+        return torch.ops.vqext.vqformer_decode_step(x_t, params, kv, kv_index, inputs, input_index, sizes, scalars,
+                                                    cache.pos)
 
     def _decode_one(self, x_t: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decoding step of the blocks' math, calling the functional ops and the native kernels
@@ -270,7 +329,11 @@ class VQFormer(ForecastModel):
         plan = self.__dict__.get("_plan")
         if plan is None:
             plan = self._plan = self._decode_plan()
-        blocks, (encoder, norm_out, decoder, ar) = plan
+        blocks, (encoder, norm_out, decoder, ar), native = plan
+        if native is not None and x_t.dtype == native[3] and isinstance(cache.pos, int):
+            y = self._decode_native(x_t, cache, native)
+            if y is not None:
+                return y
         B = x_t.shape[0]
         pos_int, pos_t = _split_offset(cache.pos, x_t.device)
         h = F.linear(x_t, *encoder)
@@ -312,6 +375,9 @@ class VQFormer(ForecastModel):
             else:
                 y = y + self._ar(history, 1)
         return x_t + y if self.residual else y
+
+
+_NO_INPUTS = torch.empty(0)  # the native step's input history when the model has no AR path
 
 
 def _split_offset(offset, device) -> tuple[int, torch.Tensor | None]:

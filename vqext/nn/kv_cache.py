@@ -29,6 +29,17 @@ class SlidingBuffer:
     def append(self, x: torch.Tensor, visible: int | None = None) -> torch.Tensor:
         """Add ``x``'s entries; returns the last ``visible`` (default all held) entries, ending with ``x``'s."""
         n = x.shape[self.dim]
+        write_at, first, visible = self.reserve(n, visible, like=x)
+        self.storage.narrow(self.dim, write_at, n).copy_(x)
+        return self.storage.narrow(self.dim, first, visible)
+
+    def reserve(self, n: int, visible: int | None = None, like: torch.Tensor | None = None) -> tuple[int, int, int]:
+        """Make room for ``n`` entries and count them as held; the caller writes them.
+
+        Returns ``(write_at, first, visible)``: the new entries go to ``write_at .. write_at + n - 1``
+        along ``dim`` and the entries to read are ``first .. first + visible - 1``. ``like`` (shaped
+        as the new entries) sizes the first allocation; later ones follow the storage.
+        """
         total = self.length + n
         visible = total if visible is None else min(visible, total)
         if self.keep is None:
@@ -36,14 +47,17 @@ class SlidingBuffer:
         else:  # what the returned view and the kept window need of the held entries
             still_needed = min(self.length, max(visible - n, min(self.keep, total) - n, 0))
         if self.storage is None or self.start + self.length + n > self.storage.shape[self.dim]:
-            self._make_room(x, n, still_needed)
-        self.storage.narrow(self.dim, self.start + self.length, n).copy_(x)
+            template = like if like is not None else self.storage
+            if template is None:
+                raise ValueError("the first reserve of a SlidingBuffer needs `like` to size its storage")
+            self._make_room(template, n, still_needed)
+        write_at = self.start + self.length
         self.length += n
-        out = self.storage.narrow(self.dim, self.start + self.length - visible, visible)
+        first = self.start + self.length - visible
         if self.keep is not None and self.length > self.keep:
             self.start += self.length - self.keep
             self.length = self.keep
-        return out
+        return write_at, first, visible
 
     def _make_room(self, x: torch.Tensor, n: int, still_needed: int) -> None:
         """Move the ``still_needed`` newest held entries to the front of storage with room for ``n`` more."""
@@ -145,6 +159,23 @@ class KVCache:
         new = kv.shape[3]
         kv = buffer.append(kv, None if self.max_len is None else self.max_len - 1 + new)
         return kv, self.pos + new - kv.shape[3]
+
+    def allocated(self) -> bool:
+        """Whether every layer has storage (after its first append)."""
+        return all(b.storage is not None for b in self._kv)
+
+    def reserve_kv(self, n: int = 1) -> tuple[list[torch.Tensor], list[int]]:
+        """For a kernel that writes the new keys and values itself: make room for ``n`` positions in
+        every layer and return the storages ``(2, B, Hk, capacity, d)`` with, per layer,
+        ``write_at, first, visible`` (the indices :meth:`append_kv` would use). None while some
+        layer has no storage yet (append to it first)."""
+        if any(b.storage is None for b in self._kv):
+            return None
+        visible = None if self.max_len is None else self.max_len - 1 + n
+        index: list[int] = []
+        for b in self._kv:
+            index.extend(b.reserve(n, visible))
+        return [b.storage for b in self._kv], index
 
     def advance(self, n: int = 1) -> None:
         self.pos = self.pos + n
