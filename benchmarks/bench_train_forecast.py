@@ -5,7 +5,9 @@
    model against a plain-PyTorch implementation of the same model (Linear -> eager RoPE ->
    LayerNorm -> matmul-softmax-matmul codebook attention -> Linear), same data, same steps.
 2. Regressive forecast of 637 steps at T = 96 (the seed's y+w.csv protocol) with a one-layer `vqformer`,
-   recomputing each window against the KV cache; the outputs must agree (<= 1e-5 relative).
+   recomputing each window against the KV cache; the outputs must agree (<= 1e-5 relative). Also
+   the default two-layer `vqformer`, for speed only (deeper cached decoding differs by design:
+   upper-layer keys keep an older context).
 
 Targets (issue 5): training >= 3x (8 heads) and >= 1.5x (1 head); cache >= 5x.
 
@@ -114,18 +116,25 @@ def main():
             rows.append((f"train {arch} rope, {label} (windows/s)", base, fast, fast / base, f">= {target}x",
                          "ok" if fast / base >= target else "BELOW TARGET"))
     if not args.skip_forecast:
-        torch.manual_seed(0)
-        model = create_model("vqformer", "rope", time_steps=96, depth=1).eval()  # one layer: cache is exact
-        steps = len(z) - 96
-        t0 = time.perf_counter()
-        recomputed = regressive(model, z, 96, cache=False)
-        t_re = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        cached = regressive(model, z, 96, cache=True)
-        t_ca = time.perf_counter() - t0
-        rel = float(np.abs(cached - recomputed).max() / max(np.abs(recomputed).max(), 1e-30))
-        rows.append((f"forecast vqformer rope, {steps} steps at T=96 (steps/s)", steps / t_re, steps / t_ca,
-                     t_re / t_ca, ">= 5x", ("ok" if t_re / t_ca >= 5 else "BELOW TARGET") + f", max rel diff {rel:.1e}"))
+        for depth in (1, 2):
+            torch.manual_seed(0)
+            model = create_model("vqformer", "rope", time_steps=96, depth=depth).eval()
+            steps = len(z) - 96
+            regressive(model, z[:200], 96, cache=True)  # warm-up
+            t0 = time.perf_counter()
+            recomputed = regressive(model, z, 96, cache=False)
+            t_re = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            cached = regressive(model, z, 96, cache=True)
+            t_ca = time.perf_counter() - t0
+            rel = float(np.abs(cached - recomputed).max() / max(np.abs(recomputed).max(), 1e-30))
+            if depth == 1:
+                status = ("ok" if t_re / t_ca >= 5 and rel <= 1e-5 else "BELOW TARGET") + f", max rel diff {rel:.1e}"
+                target = ">= 5x"
+            else:
+                status, target = f"(speed only) max rel diff {rel:.1e}", "-"
+            rows.append((f"forecast vqformer rope depth {depth}, {steps} steps at T=96 (steps/s)", steps / t_re,
+                         steps / t_ca, t_re / t_ca, target, status))
     w = max(len(r[0]) for r in rows)
     print(f"\n| {'benchmark':<{w}} | baseline | vqext | ratio | target | status |")
     print(f"|{'-' * (w + 2)}|----------|-------|-------|--------|--------|")

@@ -9,7 +9,7 @@ Positions (``start_pos``), for a series ``v[0..n-1]`` and window length ``T``:
   window ``v[t-T..t-1]`` (true values, then its own predictions) with ``start_pos`` as above
   (0, or ``t - T``) and keeps the last output.
 * Regressive with ``cache=True``: the cache starts at position 0, the first ``T`` points are fed
-  one step each (positions ``0..T-1``), then every prediction is fed back at the next position,
+  in one call (a prefill at positions ``0..T-1``), then every prediction is fed back at the next position,
   so step ``t`` sits at absolute position ``t`` and the cache keeps the last ``T`` keys. For a
   one-layer model whose encoding is relative (``rope``) or absent (``none``) attention only
   sees position differences, so this equals recomputation. Absolute encodings (``randn``,
