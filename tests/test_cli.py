@@ -129,3 +129,38 @@ def test_resume_continues_an_interrupted_run(tmp_path):
     assert r.exit_code == 0, r.output
     assert json.load(open(os.path.join(part, "metrics.json")))["val_loss"] == \
         json.load(open(os.path.join(full, "metrics.json")))["val_loss"]
+
+
+def test_sweep_also_adds_grids_and_runs_each_configuration_once(tmp_path):
+    r = invoke("sweep", "--archs", "vqlnmlp", "--pes", "none,rope",
+               "--also", "archs=mhvqlnmlp heads=2,4 pes=none", "--also", "pes=rope",  # the second repeats a run
+               *TINY, "--out", str(tmp_path))
+    assert r.exit_code == 0, r.output
+    (csv_path,) = glob.glob(str(tmp_path / "sweep-*.csv"))
+    with open(csv_path) as fh:
+        rows = sorted((row["arch"], row["pe"], "heads=4" in row["hparams"]) for row in csv.DictReader(fh))
+    assert rows == [("mhvqlnmlp", "none", False), ("mhvqlnmlp", "none", True),
+                    ("vqlnmlp", "none", False), ("vqlnmlp", "rope", False)]
+
+
+@pytest.mark.parametrize("also, message", [
+    ("bogus=1", "unknown key 'bogus'"),
+    ("heads", "must look like KEY=VALUE"),
+    ("heads=x", "'x' is not a valid int"),
+])
+def test_sweep_also_rejects_bad_grids(also, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, ["sweep", "--archs", "vqlnmlp", "--also", also, "--data", "synthetic:sine"])
+    assert r.exit_code != 0 and message in r.output, r.output
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_sweep_schedules_the_longest_runs_first():
+    from vqext.config import RunConfig
+    from vqext.report import estimated_cost
+
+    def cfg(**hp):
+        return RunConfig(arch="mhvqlnmlp", pe="none", hparams={"vocab_size": 512, "d_model": 64, **hp})
+
+    assert estimated_cost(cfg(heads=8)) > estimated_cost(cfg(heads=2)) > estimated_cost(cfg(heads=1))
+    assert estimated_cost(cfg(heads=1, depth=2)) > estimated_cost(cfg(heads=1))

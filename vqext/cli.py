@@ -330,41 +330,77 @@ def run(arch, pe, seed, freeze_codebook, resume_dir, quiet, out, cache, **kw):
     click.echo(f"run directory: {metrics['run']}")
 
 
+def _parse_also(text: str) -> dict:
+    """``'archs=a,b heads=8'`` -> {"archs": "a,b", "heads": "8"} (keys as options, - or _)."""
+    keys = {"archs", "pes", "seeds", "freeze_codebook", *_HPARAM_OPTIONS}
+    out = {}
+    for item in text.split():
+        key, sep, value = item.partition("=")
+        key = key.strip().lstrip("-").replace("-", "_")
+        if not sep or not value:
+            raise click.BadParameter(f"{item!r} must look like KEY=VALUE[,VALUE...]", param_hint="--also")
+        if key not in keys:
+            raise click.BadParameter(f"unknown key {key!r}; use one of {', '.join(sorted(keys))}",
+                                     param_hint="--also")
+        out[key] = value
+    if not out:
+        raise click.BadParameter("empty; give KEY=LIST pairs such as 'archs=mhvqlnmlp heads=8'", param_hint="--also")
+    return out
+
+
+def _grid_of(lists: dict):
+    from .report import build_grid
+
+    hparams = {}
+    for name, (flag, typ, _) in _HPARAM_OPTIONS.items():
+        if lists.get(name) is not None:
+            hparams[name] = _parse_list(lists[name], typ, flag)
+    if lists.get("freeze_codebook") is not None:
+        hparams["freeze_codebook"] = _parse_list(lists["freeze_codebook"], bool, "--freeze-codebook")
+    return build_grid(_parse_list(lists["archs"], str, "--archs"), _parse_list(lists["pes"], str, "--pes"), hparams,
+                      _parse_list(lists["seeds"], int, "--seeds"))
+
+
 @main.command()
 @_common_training_options(sweep=True)
 @click.option("--jobs", "-j", type=int, default=1, show_default=True,
               help="worker processes (CPU threads are split between them).")
 @click.option("--shard", default=None, metavar="I/N",
               help="run only the I-th (1-based) of N disjoint slices of the grid; merge with `vqext report`.")
-def sweep(archs, pes, seeds, freeze_codebook, jobs, shard, quiet, out, cache, **kw):
+@click.option("--also", "also", multiple=True, metavar="'KEY=LIST ...'",
+              help="add another grid: the command's lists with these replaced, e.g. "
+                   "--also 'archs=mhvqlnmlp pes=sinpe,rope heads=8'. Repeatable; runs in the same worker pool.")
+def sweep(archs, pes, seeds, freeze_codebook, jobs, shard, also, quiet, out, cache, **kw):
     """Train a grid of configurations and write a results table (markdown + CSV).
 
     Every architecture x encoding x hyper-parameter value x seed is one run. The table is sorted by
-    validation loss; with several seeds it adds median, mean, spread and worst seed.
+    validation loss; with several seeds it adds median, mean, spread and worst seed. Each --also
+    adds a grid that replaces some of the lists (a union of grids, one worker pool); the longest
+    runs start first.
 
     \b
     Examples:
       vqext sweep --archs vqlnmlp,mhvqlnmlp --pes none,randn,sinpe,rope --epochs 20
       vqext sweep --archs mhvqlnmlp --pes none,rope --heads 2,8 --seeds 0,1,2 --jobs 2
+      vqext sweep --archs vqlnmlp --pes none,rope --also 'archs=mhvqlnmlp heads=2,8' --jobs 2
       vqext sweep --archs vqformer --pes rope --depth 1,2 --shard 1/2 --out runs/grid
       vqext sweep --archs vqformer --pes rope --depth 1,2 --shard 2/2 --out runs/grid
       vqext report runs/grid
     """
     import datetime as dt
 
-    from .report import build_grid, parse_shard, run_sweep, shard as take_shard, write_report
+    from .report import parse_shard, run_sweep, shard as take_shard, write_report
 
     if jobs < 1:
         raise click.BadParameter("must be at least 1", param_hint="--jobs")
     shard_i, shard_n = parse_shard(shard)
-    lists = {}
-    for name, (flag, typ, _) in _HPARAM_OPTIONS.items():
-        if kw.get(name) is not None:
-            lists[name] = _parse_list(kw[name], typ, flag)
-    if freeze_codebook is not None:
-        lists["freeze_codebook"] = _parse_list(freeze_codebook, bool, "--freeze-codebook")
-    grid = build_grid(_parse_list(archs, str, "--archs"), _parse_list(pes, str, "--pes"), lists,
-                      _parse_list(seeds, int, "--seeds"))
+    base = {"archs": archs, "pes": pes, "seeds": seeds, "freeze_codebook": freeze_codebook}
+    base.update({name: kw.get(name) for name in _HPARAM_OPTIONS})
+    grid = []
+    for overrides in [{}] + [_parse_also(text) for text in also]:
+        for point in _grid_of({**base, **overrides}):
+            if point not in grid:  # grids may overlap: each configuration runs once
+                grid.append(point)
     # Every combination is validated before anything trains.
     configs = [_make_config(p.arch, p.pe, p.user_hparams, kw, p.seed) for p in grid]
     mine = take_shard(configs, shard_i, shard_n)

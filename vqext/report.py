@@ -73,6 +73,15 @@ def _run_point(cfg_dict: dict, out_root: str, cache: bool) -> dict:
                 "seed": cfg_dict["seed"], "hparams": cfg_dict["hparams"]}
 
 
+def estimated_cost(cfg: C.RunConfig) -> float:
+    """A rough relative training cost, for scheduling only: the codebook attention's work per window
+    (narrow heads cost extra per score), times depth, windows and epochs."""
+    hp = cfg.hparams
+    heads, width = int(hp.get("heads", 1) or 1), int(hp.get("d_model", 64) or 64)
+    per_score = width / heads + 8.0  # head size plus the exp and bookkeeping of each score
+    return cfg.epochs * cfg.time_steps * int(hp.get("vocab_size", 64) or 64) * heads * per_score * int(hp.get("depth", 1) or 1)
+
+
 def run_sweep(configs: list[C.RunConfig], out_root: str, *, jobs: int = 1, quiet: bool = False,
               cache: bool = False, echo=print) -> list[dict]:
     """Run every config (``jobs`` worker processes, CPU threads split between them)."""
@@ -88,8 +97,10 @@ def run_sweep(configs: list[C.RunConfig], out_root: str, *, jobs: int = 1, quiet
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
     ctx = mp.get_context("spawn")  # fork after torch has started its thread pools can deadlock
+    # Longest first (a greedy schedule): a long run started last would leave the other workers idle.
+    order = sorted(range(len(configs)), key=lambda i: -estimated_cost(configs[i]))
     with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
-        futures = {pool.submit(_run_point, cfg.to_dict(), out_root, cache): i for i, cfg in enumerate(configs)}
+        futures = {pool.submit(_run_point, configs[i].to_dict(), out_root, cache): i for i in order}
         done: dict[int, dict] = {}
         for n, fut in enumerate(as_completed(futures), 1):
             i = futures[fut]
