@@ -80,8 +80,12 @@ def plot_codebook_usage(counts: list[np.ndarray], path: str, *, title: str) -> N
     for h, (ax, c) in enumerate(zip(axes[:, 0], counts)):
         c = np.sort(np.asarray(c))[::-1]
         used = int((c > 0).sum())
-        ax.bar(np.arange(len(c)), c, width=1.0, color="#2ca02c")
-        if c.max() > 0:
+        # One filled step artist instead of a bar per code: the same picture, drawn in a fraction
+        # of the time at hundreds of codes x heads. Unused codes sit on the baseline.
+        log = c.max() > 0
+        ax.stairs(np.maximum(c, 0.5) if log else c, np.arange(len(c) + 1), fill=True, color="#2ca02c",
+                  baseline=0.5 if log else 0)
+        if log:
             ax.set_yscale("log")
         ax.set_ylabel(f"head {h}" if len(counts) > 1 else "count")
         ax.text(0.99, 0.85, f"{used}/{len(c)} codes used", transform=ax.transAxes, ha="right", fontsize=8)
