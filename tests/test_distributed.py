@@ -63,16 +63,19 @@ def test_torchrun_two_cpu_processes_match_one_process(tmp_path):
     one = subprocess.run([sys.executable, "-m", "vqext", *ARGS, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, env=_env(), timeout=300)
     assert one.returncode == 0, one.stderr
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "vqext"]
-    two = subprocess.run([*launcher, *ARGS, "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=_env(), timeout=300)
+    for attempt in range(3):  # the free port can be taken by another process before torchrun binds it
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                    "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "vqext"]
+        two = subprocess.run([*launcher, *ARGS, "--out", str(tmp_path / f"two{attempt}")],
+                             capture_output=True, text=True, env=_env(), timeout=300)
+        if two.returncode == 0 or "address already in use" not in (two.stdout + two.stderr).lower():
+            break
     assert two.returncode == 0, two.stdout + two.stderr
     # Rank 0 alone reports and writes: one summary, one run directory.
     assert two.stdout.count("run directory:") == 1, two.stdout
     assert "Traceback" not in two.stderr
     (run_one,) = glob.glob(str(tmp_path / "one" / "*" / "*"))
-    (run_two,) = glob.glob(str(tmp_path / "two" / "*" / "*"))
+    (run_two,) = glob.glob(str(tmp_path / f"two{attempt}" / "*" / "*"))
     h1, h2 = _history(run_one), _history(run_two)
     assert len(h1) == len(h2) == 3
     for a, b in zip(h1, h2):
