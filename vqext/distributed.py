@@ -177,9 +177,18 @@ def setup(device: str) -> Context:
 
 
 def _leave_group() -> None:
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_initialized():
+        gc.collect()  # DDP reducers that still hold the group go first
+        try:
+            # Leave together: a rank that tears its backend down while rank 0 is still forecasting
+            # and plotting aborted now and then ("terminate called without an active exception").
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - another rank already failed; leave anyway
+            pass
         dist.destroy_process_group()
 
 
