@@ -40,14 +40,16 @@ inline void vstore(void* p, V v) {
 }
 
 // exp for float lanes: Cephes-style range reduction and polynomial (about 1 ulp), vectorised;
-// inputs below -87 give exp(-87) (callers mask such lanes to zero themselves).
+// inputs below -87 give exp(-87) (callers mask such lanes to zero themselves); NaN gives NaN.
 inline Vec<float>::type vexp(Vec<float>::type x) {
   using V = Vec<float>::type;
   using VI = Vec<float>::itype;
-  // written as x86 max/min operand order so that they compile to vmaxps/vminps, not blends
+  // The clamps are written in x86 max/min operand order (vmaxps/vminps return the second operand
+  // when either is NaN) with x second, so a NaN score stays NaN and poisons its row's sum like
+  // the reference's softmax does, instead of being clamped into a finite weight.
   const V lo = V{} - 87.0f, hi = V{} + 88.0f;
-  x = x > lo ? x : lo;
-  x = x < hi ? x : hi;
+  x = lo > x ? lo : x;
+  x = hi < x ? hi : x;
   V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
   V r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
@@ -377,7 +379,9 @@ void forward_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* ou
       for (int r = 0; r < nrows; ++r) {
         T* orow = out + ((b * pr.Hq + h) * pr.Tq + i0 + r) * d;
         A* lrow = lse + (b * pr.Hq + h) * pr.Tq + i0 + r;
-        if (l[r] > 0) {
+        // l is 0 when the row sees no key; NaN (not > 0) when one of its scores was NaN, or
+        // +inf (inf - inf): that row comes out NaN as in the reference
+        if (l[r] != A(0)) {
           const A inv = A(1) / l[r];
           for (int64_t c = 0; c < d; ++c) orow[c] = static_cast<T>(O[r * dp + c] * inv);
           *lrow = m[r] + std::log(l[r]);
