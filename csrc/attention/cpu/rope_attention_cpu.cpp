@@ -16,6 +16,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -169,10 +171,12 @@ namespace isa_avx512 {
 #pragma GCC pop_options
 
 // AVX-512 where the CPU has it and the head size fills its vectors (small head sizes would be
-// zero-padded to 16 lanes, which costs more than the wider vectors gain).
+// zero-padded to 16 lanes, which costs more than the wider vectors gain), or for the small head
+// sizes whose kernels lay keys along the lanes.
 template <typename A>
-bool use_avx512(const Problem& pr) {
-  return cpu_has_avx512() && pr.d % isa_avx512::Vec<A>::W == 0;
+bool use_avx512(const Problem& pr, bool forward) {
+  return cpu_has_avx512() && (pr.d % isa_avx512::Vec<A>::W == 0 ||
+                               pr.d <= (forward ? isa_avx512::kLanesForwardMaxHead : isa_avx512::kLanesBackwardMaxHead));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -210,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor> rope_attention_fwd_cpu(const at::Tensor& q_in
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rope_attention_fwd_cpu", [&] {
     using A = scalar_t;
     const RopeTable<A> tab = tables_for<A>(pr);
-    (use_avx512<A>(pr) ? isa_avx512::run_forward<A> : isa_avx2::run_forward<A>)(
+    (use_avx512<A>(pr, true) ? isa_avx512::run_forward<A> : isa_avx2::run_forward<A>)(
         pr, q.data_ptr<A>(), k.data_ptr<A>(), v.data_ptr<A>(), out.data_ptr<A>(), lse.data_ptr<A>(), tab);
   });
   return {out, lse};
@@ -244,7 +248,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_bwd_cpu(
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rope_attention_bwd_cpu", [&] {
     using A = scalar_t;
     const RopeTable<A> tab = tables_for<A>(pr);
-    (use_avx512<A>(pr) ? isa_avx512::run_backward<A> : isa_avx2::run_backward<A>)(
+    (use_avx512<A>(pr, false) ? isa_avx512::run_backward<A> : isa_avx2::run_backward<A>)(
         pr, gout.data_ptr<A>(), q.data_ptr<A>(), k.data_ptr<A>(), v.data_ptr<A>(), lse.data_ptr<A>(),
         Drow.data_ptr<A>(), dq.data_ptr<A>(), dk_acc.data_ptr<A>(), dv_acc.data_ptr<A>(), kv_numel, nthreads, tab,
         grain);
