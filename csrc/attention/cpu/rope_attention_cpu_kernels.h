@@ -58,40 +58,12 @@ inline Vec<float>::type vmin_keep_nan(Vec<float>::type hi, Vec<float>::type x) {
 #endif
 }
 
-// exp for float lanes: Cephes-style range reduction and polynomial (about 1 ulp), vectorised;
-// inputs below -87 give exp(-87) (callers mask such lanes to zero themselves); NaN gives NaN.
-inline Vec<float>::type vexp(Vec<float>::type x) {
-  using V = Vec<float>::type;
-  using VI = Vec<float>::itype;
-  // The clamps keep NaN, so a NaN score poisons its row's sum like the reference's softmax does
-  // instead of being clamped into a finite weight.
-  x = vmax_keep_nan(V{} - 87.0f, x);
-  x = vmin_keep_nan(V{} + 88.0f, x);
-  V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  V r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  V p = V{} + 1.9875691500E-4f;
-  p = p * r + 1.3981999507E-3f;
-  p = p * r + 8.3334519073E-3f;
-  p = p * r + 4.1665795894E-2f;
-  p = p * r + 1.6666665459E-1f;
-  p = p * r + 5.0000001201E-1f;
-  V y = p * r * r + r + 1.0f;
-  VI e = (__builtin_convertvector(n, VI) + 127) << 23;
-  V scale;
-  std::memcpy(&scale, &e, sizeof(V));
-  return y * scale;
-}
-inline Vec<double>::type vexp(Vec<double>::type x) {
-  for (int i = 0; i < Vec<double>::W; ++i) x[i] = std::exp(x[i]);
-  return x;
-}
-
 // 2^x for float lanes (Cephes exp2f polynomial on [-1/2, 1/2], about 1 ulp). Inputs are clamped
-// to [-127, 127]; 2^-127 comes out as 0 (or a subnormal with AVX-512), NaN stays NaN (the clamps'
-// operand order, as in vexp). The softmax kernels fold log2(e) into the scaled query, so this
-// replaces exp with a shorter reduction: no ln 2 split, and with AVX-512 one rounding instruction
-// and one vscalefps for the exponent.
+// to [-127, 127]; 2^-127 comes out as 0 (or a subnormal with AVX-512). NaN stays NaN, so a NaN
+// score poisons its row's sum as in the reference's softmax instead of being clamped into a finite
+// weight. Every softmax here runs in base 2 with log2(e) folded into the staged, scaled query: a
+// shorter reduction than exp's (no ln 2 split), with AVX-512 one rounding instruction and one
+// vscalefps for the exponent.
 inline Vec<float>::type vexp2(Vec<float>::type x) {
   using V = Vec<float>::type;
   x = vmax_keep_nan(V{} - 127.0f, x);
@@ -124,10 +96,6 @@ inline Vec<double>::type vexp2(Vec<double>::type x) {
   return x;
 }
 
-template <typename A>
-inline A exp_scalar(A x) {
-  return std::exp(x);
-}
 
 // C[M][N] (+)= A[M][K] * B[K][N]. A(m, k) = a[m * a_rs + k * a_ks]; B and C are row-major.
 // M % MR == 0 and N % (NV * W) == 0; KC > 0 fixes K at compile time.
@@ -218,8 +186,9 @@ struct Reduce<S, 16> {
   }
 };
 
-// Turns a row of scores into masked exponentials against `ref` (the running max or the
-// logsumexp). Keys at or beyond `limit` get exactly zero. Returns the row's sum.
+// Turns a row of base-2 scores (log2(e) folded in) into masked powers 2^(s - ref) against `ref`
+// (the running max or the logsumexp, in the same base). Keys at or beyond `limit` get exactly
+// zero. Returns the row's sum.
 template <typename A, int BK>
 inline A exp_row(A* s, int limit, A ref) {
   using V = typename Vec<A>::type;
@@ -227,13 +196,13 @@ inline A exp_row(A* s, int limit, A ref) {
   V sum = V{};
   if (limit >= BK) {  // unmasked row (every row without a causal mask): no lane test
     for (int j = 0; j < BK; j += W) {
-      const V e = vexp(vload<V>(s + j) - ref);
+      const V e = vexp2(vload<V>(s + j) - ref);
       vstore(s + j, e);
       sum += e;
     }
   } else {
     for (int j = 0; j < BK; j += W) {
-      V e = vexp(vload<V>(s + j) - ref);
+      V e = vexp2(vload<V>(s + j) - ref);
       const typename Vec<A>::itype idx = Vec<A>::iota() + j;
       e = idx < limit ? e : V{};
       vstore(s + j, e);
@@ -341,7 +310,8 @@ void forward_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* ou
   constexpr int QC = kChunkQueries, BQ = kTileQueries;
   const int64_t d = pr.d, dp = DP > 0 ? DP : round_up(d, Vec<A>::W);
   const int64_t nqc = (pr.Tq + QC - 1) / QC;
-  const A scale = static_cast<A>(pr.scale);
+  const A qscale = static_cast<A>(pr.scale * 1.4426950408889634);  // scale * log2(e): base-2 softmax
+  const A ln2 = static_cast<A>(0.6931471805599453);
   const A ninf = -std::numeric_limits<A>::infinity();
   const int64_t grain = work_grain(pr.B * pr.Hq * nqc, static_cast<double>(pr.B) * pr.Hq * pr.Tq * pr.Tk * pr.d);
   const SharedTiles<A> shared = make_shared_tiles<T, A, BK>(pr, tab, k, v, dp, true, false, false, true);
@@ -368,7 +338,7 @@ void forward_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* ou
       for (int r = 0; r < nrows4; ++r) {
         if (r < nrows) {
           const int64_t row = pr.rope_q ? tab.q_row[b] + i0 + r : 0;
-          rotate_row<T, A>(qbase + r * d, Qs.data() + r * dp, d, dp, scale, pr.rope_q ? tab.cos_row(row) : nullptr,
+          rotate_row<T, A>(qbase + r * d, Qs.data() + r * dp, d, dp, qscale, pr.rope_q ? tab.cos_row(row) : nullptr,
                            pr.rope_q ? tab.sin_row(row) : nullptr, A(1));
         } else {
           std::fill(Qs.begin() + r * dp, Qs.begin() + (r + 1) * dp, A(0));
@@ -420,7 +390,7 @@ void forward_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* ou
             }
             const int rr = s0 + r;
             const A mnew = std::max(m[rr], row_max<A, BK>(srow, lim));
-            const A corr = m[rr] == ninf ? A(0) : mnew == m[rr] ? A(1) : exp_scalar(m[rr] - mnew);
+            const A corr = m[rr] == ninf ? A(0) : mnew == m[rr] ? A(1) : std::exp2(m[rr] - mnew);
             const A sum = exp_row<A, BK>(srow, lim, mnew);
             l[rr] = l[rr] * corr + sum;
             m[rr] = mnew;
@@ -438,7 +408,7 @@ void forward_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* ou
         if (l[r] != A(0)) {
           const A inv = A(1) / l[r];
           for (int64_t c = 0; c < d; ++c) orow[c] = static_cast<T>(O[r * dp + c] * inv);
-          *lrow = m[r] + std::log(l[r]);
+          *lrow = (m[r] + std::log2(l[r])) * ln2;
         } else {
           for (int64_t c = 0; c < d; ++c) orow[c] = static_cast<T>(0);
           *lrow = ninf;
@@ -479,8 +449,9 @@ void add_kv_grad_tile(const Problem& pr, const RopeTable<A>& tab, int64_t b, int
 // Backward, one pass (flash-attention-2 style). A task is one (query batch b, kv head hk): it
 // owns dq for the grouped query heads of (b, hk), and dk, dv of (b, hk) when k is not shared.
 // Its queries and output gradients are rotated and staged once; for each key block, each
-// query tile recomputes P = exp(S - lse) and forms dS = P * (dP - D), then
-//   dV += P^T dO,  dK += dS^T (scale R q),  dQ += dS (R k).
+// query tile recomputes P = exp(S - lse) (base 2: q staged with scale * log2 e) and forms
+// dS = P * (dP - D), then dV += P^T dO,  dK += dS^T (scale R q) (the ln 2 applied on write-out),
+// dQ += dS (R k).
 // With a shared k (Bk == 1) the dk, dv of a task are added into per-thread partial sums that are
 // reduced at the end; at::parallel_for hands each thread a fixed contiguous range of tasks, so
 // the summation order, and the result, is the same run to run for a given thread count.
@@ -493,6 +464,7 @@ void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, c
   const int64_t nkb = (pr.Tk + BK - 1) / BK;
   const int64_t tq4 = round_up(pr.Tq, 4);
   const A scale = static_cast<A>(pr.scale);
+  const A log2e = static_cast<A>(1.4426950408889634), ln2 = static_cast<A>(0.6931471805599453);
   const SharedTiles<A> shared = make_shared_tiles<T, A, BK>(pr, tab, k, v, dp, true, true, true, false);
   // A query tile starts at the first row that sees the key block (any row, not a multiple of 4)
   // and spans mq = round_up(nq, 4) rows, so it can run up to 3 rows past the last group's staged
@@ -522,10 +494,10 @@ void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, c
           A* orow = dO.data() + (g * tq4 + i) * dp;
           if (i < pr.Tq) {
             const int64_t row = pr.rope_q ? tab.q_row[b] + i : 0;
-            rotate_row<T, A>(q + (rowbase + i) * d, qrow, d, dp, scale, pr.rope_q ? tab.cos_row(row) : nullptr,
+            rotate_row<T, A>(q + (rowbase + i) * d, qrow, d, dp, scale * log2e, pr.rope_q ? tab.cos_row(row) : nullptr,
                              pr.rope_q ? tab.sin_row(row) : nullptr, A(1));
             rotate_row<T, A>(gout + (rowbase + i) * d, orow, d, dp, A(1), nullptr, nullptr, A(1));
-            L[g * tq4 + i] = lse[rowbase + i];
+            L[g * tq4 + i] = lse[rowbase + i] * log2e;
             Dv[g * tq4 + i] = Drow[rowbase + i];
           } else {
             std::fill(qrow, qrow + dp, A(0));
@@ -590,7 +562,7 @@ void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, c
           }
         }
         if (shared.on) continue;  // accumulated in this thread's tiles, written out after its last task
-        add_kv_grad_tile<A, BK>(pr, tab, b, hk, kb, nk, dKT.data(), dVT.data(), A(1), dk_part, dv_part);
+        add_kv_grad_tile<A, BK>(pr, tab, b, hk, kb, nk, dKT.data(), dVT.data(), ln2, dk_part, dv_part);
       }
       for (int64_t g = 0; g < pr.group; ++g) {
         const int64_t rowbase = (b * pr.Hq + hk * pr.group + g) * pr.Tq;
@@ -610,7 +582,7 @@ void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, c
           const int64_t kb = kblk * BK;
           const int nk = static_cast<int>(std::min<int64_t>(BK, pr.Tk - kb));
           add_kv_grad_tile<A, BK>(pr, tab, 0, hk, kb, nk, dK_tiles.data() + (hk * nkb + kblk) * dp * BK,
-                                  dV_tiles.data() + (hk * nkb + kblk) * dp * BK, A(1), dk_part, dv_part);
+                                  dV_tiles.data() + (hk * nkb + kblk) * dp * BK, ln2, dk_part, dv_part);
         }
   });
 }
@@ -625,11 +597,12 @@ void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, c
 // in base 2; lse is converted back to natural log on output.
 // Key/value tiles are the (d x BK) transposed layout: shared by the batch when k is (codebook),
 // otherwise a per-thread copy of the current (batch, kv head), filled as far as the keys needed.
-constexpr int kLanesForwardMaxHead = 16, kLanesBackwardMaxHead = 8;
+// (With AVX2's 16 registers the backward's sweeps spill: the tile GEMM backward is faster there.)
+constexpr int kLanesForwardMaxHead = 16, kLanesBackwardMaxHead = kManyRegisters ? 8 : 0;
 constexpr int kLanesRowChunk = 64;  // backward: rows whose dS (64 x BK) stay in L1 between sweeps
 template <typename A>
 constexpr int lane_block_vectors() {
-  return 8;
+  return 4;
 }
 
 template <typename T, typename A, int D>
