@@ -58,22 +58,26 @@ inline Vec<float>::type vmin_keep_nan(Vec<float>::type hi, Vec<float>::type x) {
 #endif
 }
 
-// 2^x for float lanes (Cephes exp2f polynomial on [-1/2, 1/2], about 1 ulp). Inputs are clamped
-// to [-127, 127]; 2^-127 comes out as 0 (or a subnormal with AVX-512). NaN stays NaN, so a NaN
+// 2^x for float lanes (Cephes exp2f polynomial on [-1/2, 1/2], about 1 ulp). AVX2 clamps inputs
+// to [-127, 127] (2^-127 comes out as 0); AVX-512 is exact at the ends. NaN stays NaN, so a NaN
 // score poisons its row's sum as in the reference's softmax instead of being clamped into a finite
 // weight. Every softmax here runs in base 2 with log2(e) folded into the staged, scaled query: a
 // shorter reduction than exp's (no ln 2 split), with AVX-512 one rounding instruction and one
 // vscalefps for the exponent.
 inline Vec<float>::type vexp2(Vec<float>::type x) {
   using V = Vec<float>::type;
+#if VQEXT_VEC_BYTES == 64
+  // n = round(x) and f = x - n (vreduceps) are independent and need no clamps: +-inf reduce to
+  // f = 0 and vscalefps gives 2^-inf = 0, 2^inf = inf; NaN stays NaN.
+  const __m512 xm = reinterpret_cast<__m512>(x);
+  const V n = reinterpret_cast<V>(_mm512_roundscale_ps(xm, _MM_FROUND_TO_NEAREST_INT));
+  const V f = reinterpret_cast<V>(_mm512_reduce_ps(xm, _MM_FROUND_TO_NEAREST_INT));
+#else
   x = vmax_keep_nan(V{} - 127.0f, x);
   x = vmin_keep_nan(V{} + 127.0f, x);
-#if VQEXT_VEC_BYTES == 64
-  const V n = reinterpret_cast<V>(_mm512_roundscale_ps(reinterpret_cast<__m512>(x), _MM_FROUND_TO_NEAREST_INT));
-#else
   const V n = (x + 12582912.0f) - 12582912.0f;  // round to nearest
-#endif
   const V f = x - n;
+#endif
   V p = V{} + 1.535336188319500E-4f;
   p = p * f + 1.339887440266574E-3f;
   p = p * f + 9.618437357674640E-3f;
@@ -902,9 +906,10 @@ void run_forward(const Problem& pr, const T* q, const T* k, const T* v, T* out, 
   if (pr.d <= kLanesForwardMaxHead) return forward_lanes_kernel<T, T, 16>(pr, q, k, v, out, lse, tab);
   dispatch_head_size(round_up(pr.d, Vec<T>::W), [&](auto DPc) {
     constexpr int DP = decltype(DPc)::value;
-    // Head size 8 over many keys takes tiles twice as wide: the per-row softmax bookkeeping is
-    // then spread over twice the scores (short key ranges would only pad more).
-    if (DP == 8 && pr.Tk >= 512)
+    // Head size 64 over many unmasked keys (a codebook) takes tiles twice as wide: the per-row
+    // softmax bookkeeping is spread over twice the scores (short key ranges would only pad more,
+    // a causal diagonal would mask more).
+    if (DP == 64 && !pr.causal && pr.Tk >= 512)
       forward_kernel<T, T, DP, 2 * kTileKeys>(pr, q, k, v, out, lse, tab);
     else
       forward_kernel<T, T, DP, kTileKeys>(pr, q, k, v, out, lse, tab);
