@@ -152,6 +152,11 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // Small problems run on the calling thread: waking a thread team costs more than they take.
 inline int64_t work_grain(int64_t tasks, double flops) { return flops < 262144.0 ? std::max<int64_t>(tasks, 1) : 1; }
 
+// The forward's key-lane kernel (head sizes up to 16) pays a fixed cost per query row (lane
+// reductions, the softmax bookkeeping of partly masked blocks): it wins over the tile GEMMs once
+// rows see a few hundred keys (codebooks, long contexts), and loses on short ones (causal T = 96).
+inline bool lanes_forward(const Problem& pr) { return pr.d <= 16 && pr.Tk >= 256; }
+
 // ---------------------------------------------------------------------------------------------
 // The tile kernels, compiled twice: for the AVX2 + FMA baseline and, chosen at run time on CPUs
 // that have it, for AVX-512 (twice the lanes, twice the registers).
@@ -175,8 +180,8 @@ namespace isa_avx512 {
 // sizes whose kernels lay keys along the lanes.
 template <typename A>
 bool use_avx512(const Problem& pr, bool forward) {
-  return cpu_has_avx512() && (pr.d % isa_avx512::Vec<A>::W == 0 ||
-                               pr.d <= (forward ? isa_avx512::kLanesForwardMaxHead : isa_avx512::kLanesBackwardMaxHead));
+  return cpu_has_avx512() &&
+         (pr.d % isa_avx512::Vec<A>::W == 0 || (forward ? lanes_forward(pr) : pr.d <= isa_avx512::kLanesBackwardMaxHead));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -602,7 +602,7 @@ void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, c
 // Key/value tiles are the (d x BK) transposed layout: shared by the batch when k is (codebook),
 // otherwise a per-thread copy of the current (batch, kv head), filled as far as the keys needed.
 // (With AVX2's 16 registers the backward's sweeps spill: the tile GEMM backward is faster there.)
-constexpr int kLanesForwardMaxHead = 16, kLanesBackwardMaxHead = kManyRegisters ? 8 : 0;
+constexpr int kLanesBackwardMaxHead = kManyRegisters ? 8 : 0;  // forward: lanes_forward()
 constexpr int kLanesRowChunk = 64;  // backward: rows whose dS (64 x BK) stay in L1 between sweeps
 template <typename A>
 constexpr int lane_block_vectors() {
@@ -902,8 +902,9 @@ void dispatch_head_size(int64_t dp, F&& f) {
 // Entry points of this instruction set (the accumulation type is the input type here).
 template <typename T>
 void run_forward(const Problem& pr, const T* q, const T* k, const T* v, T* out, T* lse, const RopeTable<T>& tab) {
-  if (pr.d <= 8) return forward_lanes_kernel<T, T, 8>(pr, q, k, v, out, lse, tab);
-  if (pr.d <= kLanesForwardMaxHead) return forward_lanes_kernel<T, T, 16>(pr, q, k, v, out, lse, tab);
+  if (lanes_forward(pr))
+    return pr.d <= 8 ? forward_lanes_kernel<T, T, 8>(pr, q, k, v, out, lse, tab)
+                     : forward_lanes_kernel<T, T, 16>(pr, q, k, v, out, lse, tab);
   dispatch_head_size(round_up(pr.d, Vec<T>::W), [&](auto DPc) {
     constexpr int DP = decltype(DPc)::value;
     // Head size 64 over many unmasked keys (a codebook) takes tiles twice as wide: the per-row
