@@ -192,9 +192,10 @@ struct Reduce<S, 16> {
 
 // Turns a row of base-2 scores (log2(e) folded in) into masked powers 2^(s - ref) against `ref`
 // (the running max or the logsumexp, in the same base). Keys at or beyond `limit` get exactly
-// zero. Returns the row's sum.
+// zero. Returns the row's sum in lane form (callers keep it so; one horizontal sum per row at the
+// end instead of one per key block).
 template <typename A, int BK>
-inline A exp_row(A* s, int limit, A ref) {
+inline typename Vec<A>::type exp_row(A* s, int limit, A ref) {
   using V = typename Vec<A>::type;
   constexpr int W = Vec<A>::W;
   V sum = V{};
@@ -213,7 +214,7 @@ inline A exp_row(A* s, int limit, A ref) {
       sum += e;
     }
   }
-  return Reduce<A, kVecBytes>::sum(sum);
+  return sum;
 }
 
 template <typename A, int BK>
@@ -326,7 +327,8 @@ void forward_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* ou
     const bool keep = !shared.on && (nqc > 1 || pr.group > 1);
     const int64_t nkb = (pr.Tk + BK - 1) / BK;
     const int64_t kv_tile = shared.on ? 0 : keep ? nkb * dp * BK : dp * BK;
-    std::vector<A> Qs(QC * dp), KT(kv_tile), Vt(kv_tile), S(BQ * BK), O(QC * dp), m(QC), l(QC);
+    std::vector<A> Qs(QC * dp), KT(kv_tile), Vt(kv_tile), S(BQ * BK), O(QC * dp), m(QC);
+    std::vector<A> l(QC * Vec<A>::W);  // row sums in lane form
     std::vector<char> ready(keep ? nkb : 0);
     int64_t kept_b = -1, kept_hk = -1;
     for (int64_t task = t0; task < t1; ++task) {
@@ -348,7 +350,7 @@ void forward_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* ou
           std::fill(Qs.begin() + r * dp, Qs.begin() + (r + 1) * dp, A(0));
         }
         m[r] = ninf;
-        l[r] = 0;
+        std::fill(l.begin() + r * Vec<A>::W, l.begin() + (r + 1) * Vec<A>::W, A(0));
       }
       std::fill(O.begin(), O.begin() + nrows4 * dp, A(0));
       int64_t kend = pr.Tk;
@@ -395,8 +397,9 @@ void forward_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* ou
             const int rr = s0 + r;
             const A mnew = std::max(m[rr], row_max<A, BK>(srow, lim));
             const A corr = m[rr] == ninf ? A(0) : mnew == m[rr] ? A(1) : std::exp2(m[rr] - mnew);
-            const A sum = exp_row<A, BK>(srow, lim, mnew);
-            l[rr] = l[rr] * corr + sum;
+            using V = typename Vec<A>::type;
+            A* lrr = l.data() + rr * Vec<A>::W;
+            vstore(lrr, vload<V>(lrr) * corr + exp_row<A, BK>(srow, lim, mnew));
             m[rr] = mnew;
             if (corr != A(1))
               for (int64_t c = 0; c < dp; ++c) O[rr * dp + c] *= corr;
@@ -409,10 +412,11 @@ void forward_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* ou
         A* lrow = lse + (b * pr.Hq + h) * pr.Tq + i0 + r;
         // l is 0 when the row sees no key; NaN (not > 0) when one of its scores was NaN, or
         // +inf (inf - inf): that row comes out NaN as in the reference
-        if (l[r] != A(0)) {
-          const A inv = A(1) / l[r];
+        const A lr = Reduce<A, kVecBytes>::sum(vload<typename Vec<A>::type>(l.data() + r * Vec<A>::W));
+        if (lr != A(0)) {
+          const A inv = A(1) / lr;
           for (int64_t c = 0; c < d; ++c) orow[c] = static_cast<T>(O[r * dp + c] * inv);
-          *lrow = (m[r] + std::log2(l[r])) * ln2;
+          *lrow = (m[r] + std::log2(lr)) * ln2;
         } else {
           for (int64_t c = 0; c < d; ++c) orow[c] = static_cast<T>(0);
           *lrow = ninf;
