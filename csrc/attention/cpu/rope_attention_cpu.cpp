@@ -180,8 +180,8 @@ namespace isa_avx512 {
 // sizes whose kernels lay keys along the lanes.
 template <typename A>
 bool use_avx512(const Problem& pr, bool forward) {
-  return cpu_has_avx512() &&
-         (pr.d % isa_avx512::Vec<A>::W == 0 || (forward ? lanes_forward(pr) : pr.d <= isa_avx512::kLanesBackwardMaxHead));
+  const bool lanes = forward ? lanes_forward(pr) : pr.d <= isa_avx512::kLanesBackwardMaxHead;
+  return cpu_has_avx512() && (pr.d % isa_avx512::Vec<A>::W == 0 || lanes);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -596,7 +596,7 @@ void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, c
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward for small head sizes (d <= 16), keys along the vector lanes. With d = 8 a row-major
+// Forward for small head sizes (d <= 16) over many keys, keys along the vector lanes. With d = 8 a row-major
 // tile wastes half of an AVX-512 vector (or pads d), and the score matrix makes three trips
 // through memory (GEMM out, max, exp); here a query row meets a block of NV vectors of keys held
 // in registers: scores s = q . K^T (d broadcast FMAs per vector), block max, p = 2^(s - m) and
@@ -605,20 +605,18 @@ void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, c
 // in base 2; lse is converted back to natural log on output.
 // Key/value tiles are the (d x BK) transposed layout: shared by the batch when k is (codebook),
 // otherwise a per-thread copy of the current (batch, kv head), filled as far as the keys needed.
-// (With AVX2's 16 registers the backward's sweeps spill: the tile GEMM backward is faster there.)
-constexpr int kLanesBackwardMaxHead = kManyRegisters ? 8 : 0;  // forward: lanes_forward()
+// Which head sizes and key counts take it: lanes_forward() (rope_attention_cpu.cpp).
+constexpr int kLaneBlockVectors = 4;  // key vectors per block: scores stay in registers (4 and 8 timed alike)
+// The backward's sweeps spill with AVX2's 16 registers: the tile GEMM backward is faster there.
+constexpr int kLanesBackwardMaxHead = kManyRegisters ? 8 : 0;
 constexpr int kLanesRowChunk = 64;  // backward: rows whose dS (64 x BK) stay in L1 between sweeps
-template <typename A>
-constexpr int lane_block_vectors() {
-  return 4;
-}
 
 template <typename T, typename A, int D>
 void forward_lanes_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* out, A* lse,
                           const RopeTable<A>& tab) {
   using V = typename Vec<A>::type;
   using VI = typename Vec<A>::itype;
-  constexpr int W = Vec<A>::W, NV = lane_block_vectors<A>(), BK = NV * W, QC = kChunkQueries;
+  constexpr int W = Vec<A>::W, NV = kLaneBlockVectors, BK = NV * W, QC = kChunkQueries;
   const int64_t d = pr.d;
   const int64_t nqc = (pr.Tq + QC - 1) / QC;
   const int64_t nkb = (pr.Tk + BK - 1) / BK;
@@ -737,7 +735,7 @@ void backward_lanes_kernel(const Problem& pr, const T* gout, const T* q, const T
                            const A* Drow, T* dq, A* dk_out, A* dv_out, int64_t partial_stride, int64_t nthreads,
                            const RopeTable<A>& tab, int64_t grain) {
   using V = typename Vec<A>::type;
-  constexpr int W = Vec<A>::W, NV = lane_block_vectors<A>(), BK = NV * W;
+  constexpr int W = Vec<A>::W, NV = kLaneBlockVectors, BK = NV * W;
   const int64_t d = pr.d, tq = pr.Tq;
   const int64_t nkb = (pr.Tk + BK - 1) / BK;
   const A log2e = static_cast<A>(1.4426950408889634);
