@@ -117,9 +117,8 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
 
     Non-finite values: rows whose visible keys, own query and head's values are finite are
     exact. A non-finite value row makes every row of its head non-finite, masked or not (masked
-    weights are 0 and 0 * NaN is NaN). A row whose scores are NaN is NaN in the reference, but
-    the native CPU kernel returns it finite (known defect, docs/reliability.md): check inputs
-    with ``torch.isfinite`` where that matters.
+    weights are 0 and 0 * NaN is NaN). A row whose scores are NaN (NaN or inf in its query or a
+    visible key) is NaN, in the reference and the kernels alike.
     """
     _check_tensor("q", q, (4,), "(B, Hq, Tq, d)")
     _check_tensor("k", k, (4,), "(Bk, Hk, Tk, d)")

@@ -16,6 +16,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -150,6 +152,11 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // Small problems run on the calling thread: waking a thread team costs more than they take.
 inline int64_t work_grain(int64_t tasks, double flops) { return flops < 262144.0 ? std::max<int64_t>(tasks, 1) : 1; }
 
+// The forward's key-lane kernel (head sizes up to 16) pays a fixed cost per query row (lane
+// reductions, the softmax bookkeeping of partly masked blocks): it wins over the tile GEMMs once
+// rows see a few hundred keys (codebooks, long contexts), and loses on short ones (causal T = 96).
+inline bool lanes_forward(const Problem& pr) { return pr.d <= 16 && pr.Tk >= 256; }
+
 // ---------------------------------------------------------------------------------------------
 // The tile kernels, compiled twice: for the AVX2 + FMA baseline and, chosen at run time on CPUs
 // that have it, for AVX-512 (twice the lanes, twice the registers).
@@ -169,10 +176,12 @@ namespace isa_avx512 {
 #pragma GCC pop_options
 
 // AVX-512 where the CPU has it and the head size fills its vectors (small head sizes would be
-// zero-padded to 16 lanes, which costs more than the wider vectors gain).
+// zero-padded to 16 lanes, which costs more than the wider vectors gain), or for the small head
+// sizes whose kernels lay keys along the lanes.
 template <typename A>
-bool use_avx512(const Problem& pr) {
-  return cpu_has_avx512() && pr.d % isa_avx512::Vec<A>::W == 0;
+bool use_avx512(const Problem& pr, bool forward) {
+  const bool lanes = forward ? lanes_forward(pr) : pr.d <= isa_avx512::kLanesBackwardMaxHead;
+  return cpu_has_avx512() && (pr.d % isa_avx512::Vec<A>::W == 0 || lanes);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -210,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor> rope_attention_fwd_cpu(const at::Tensor& q_in
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rope_attention_fwd_cpu", [&] {
     using A = scalar_t;
     const RopeTable<A> tab = tables_for<A>(pr);
-    (use_avx512<A>(pr) ? isa_avx512::run_forward<A> : isa_avx2::run_forward<A>)(
+    (use_avx512<A>(pr, true) ? isa_avx512::run_forward<A> : isa_avx2::run_forward<A>)(
         pr, q.data_ptr<A>(), k.data_ptr<A>(), v.data_ptr<A>(), out.data_ptr<A>(), lse.data_ptr<A>(), tab);
   });
   return {out, lse};
@@ -244,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_bwd_cpu(
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rope_attention_bwd_cpu", [&] {
     using A = scalar_t;
     const RopeTable<A> tab = tables_for<A>(pr);
-    (use_avx512<A>(pr) ? isa_avx512::run_backward<A> : isa_avx2::run_backward<A>)(
+    (use_avx512<A>(pr, false) ? isa_avx512::run_backward<A> : isa_avx2::run_backward<A>)(
         pr, gout.data_ptr<A>(), q.data_ptr<A>(), k.data_ptr<A>(), v.data_ptr<A>(), lse.data_ptr<A>(),
         Drow.data_ptr<A>(), dq.data_ptr<A>(), dk_acc.data_ptr<A>(), dv_acc.data_ptr<A>(), kv_numel, nthreads, tab,
         grain);

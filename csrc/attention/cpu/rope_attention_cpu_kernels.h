@@ -39,39 +39,67 @@ inline void vstore(void* p, V v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
-// exp for float lanes: Cephes-style range reduction and polynomial (about 1 ulp), vectorised;
-// inputs below -87 give exp(-87) (callers mask such lanes to zero themselves).
-inline Vec<float>::type vexp(Vec<float>::type x) {
+// max(lo, x) and min(hi, x) that return x when either is NaN: vmaxps/vminps with x second. (The
+// same select written with vector comparisons compiles to a compare and a blend.)
+inline Vec<float>::type vmax_keep_nan(Vec<float>::type lo, Vec<float>::type x) {
   using V = Vec<float>::type;
+#if VQEXT_VEC_BYTES == 64
+  return reinterpret_cast<V>(_mm512_max_ps(reinterpret_cast<__m512>(lo), reinterpret_cast<__m512>(x)));
+#else
+  return reinterpret_cast<V>(_mm256_max_ps(reinterpret_cast<__m256>(lo), reinterpret_cast<__m256>(x)));
+#endif
+}
+inline Vec<float>::type vmin_keep_nan(Vec<float>::type hi, Vec<float>::type x) {
+  using V = Vec<float>::type;
+#if VQEXT_VEC_BYTES == 64
+  return reinterpret_cast<V>(_mm512_min_ps(reinterpret_cast<__m512>(hi), reinterpret_cast<__m512>(x)));
+#else
+  return reinterpret_cast<V>(_mm256_min_ps(reinterpret_cast<__m256>(hi), reinterpret_cast<__m256>(x)));
+#endif
+}
+
+// 2^x for float lanes (Cephes exp2f polynomial on [-1/2, 1/2], about 1 ulp). AVX2 clamps inputs
+// to [-127, 127] (2^-127 comes out as 0); AVX-512 is exact at the ends. NaN stays NaN, so a NaN
+// score poisons its row's sum as in the reference's softmax instead of being clamped into a finite
+// weight. Every softmax here runs in base 2 with log2(e) folded into the staged, scaled query: a
+// shorter reduction than exp's (no ln 2 split), with AVX-512 one rounding instruction and one
+// vscalefps for the exponent.
+inline Vec<float>::type vexp2(Vec<float>::type x) {
+  using V = Vec<float>::type;
+#if VQEXT_VEC_BYTES == 64
+  // n = round(x) and f = x - n (vreduceps) are independent and need no clamps: +-inf reduce to
+  // f = 0 and vscalefps gives 2^-inf = 0, 2^inf = inf; NaN stays NaN.
+  const __m512 xm = reinterpret_cast<__m512>(x);
+  const V n = reinterpret_cast<V>(_mm512_roundscale_ps(xm, _MM_FROUND_TO_NEAREST_INT));
+  const V f = reinterpret_cast<V>(_mm512_reduce_ps(xm, _MM_FROUND_TO_NEAREST_INT));
+#else
+  x = vmax_keep_nan(V{} - 127.0f, x);
+  x = vmin_keep_nan(V{} + 127.0f, x);
+  const V n = (x + 12582912.0f) - 12582912.0f;  // round to nearest
+  const V f = x - n;
+#endif
+  V p = V{} + 1.535336188319500E-4f;
+  p = p * f + 1.339887440266574E-3f;
+  p = p * f + 9.618437357674640E-3f;
+  p = p * f + 5.550332471162809E-2f;
+  p = p * f + 2.402264791363012E-1f;
+  p = p * f + 6.931472028550421E-1f;
+  p = p * f + 1.0f;
+#if VQEXT_VEC_BYTES == 64
+  return reinterpret_cast<V>(_mm512_scalef_ps(reinterpret_cast<__m512>(p), reinterpret_cast<__m512>(n)));
+#else
   using VI = Vec<float>::itype;
-  // written as x86 max/min operand order so that they compile to vmaxps/vminps, not blends
-  const V lo = V{} - 87.0f, hi = V{} + 88.0f;
-  x = x > lo ? x : lo;
-  x = x < hi ? x : hi;
-  V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  V r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  V p = V{} + 1.9875691500E-4f;
-  p = p * r + 1.3981999507E-3f;
-  p = p * r + 8.3334519073E-3f;
-  p = p * r + 4.1665795894E-2f;
-  p = p * r + 1.6666665459E-1f;
-  p = p * r + 5.0000001201E-1f;
-  V y = p * r * r + r + 1.0f;
-  VI e = (__builtin_convertvector(n, VI) + 127) << 23;
+  const VI e = (__builtin_convertvector(n, VI) + 127) << 23;
   V scale;
   std::memcpy(&scale, &e, sizeof(V));
-  return y * scale;
+  return p * scale;
+#endif
 }
-inline Vec<double>::type vexp(Vec<double>::type x) {
-  for (int i = 0; i < Vec<double>::W; ++i) x[i] = std::exp(x[i]);
+inline Vec<double>::type vexp2(Vec<double>::type x) {
+  for (int i = 0; i < Vec<double>::W; ++i) x[i] = std::exp2(x[i]);
   return x;
 }
 
-template <typename A>
-inline A exp_scalar(A x) {
-  return std::exp(x);
-}
 
 // C[M][N] (+)= A[M][K] * B[K][N]. A(m, k) = a[m * a_rs + k * a_ks]; B and C are row-major.
 // M % MR == 0 and N % (NV * W) == 0; KC > 0 fixes K at compile time.
@@ -162,29 +190,31 @@ struct Reduce<S, 16> {
   }
 };
 
-// Turns a row of scores into masked exponentials against `ref` (the running max or the
-// logsumexp). Keys at or beyond `limit` get exactly zero. Returns the row's sum.
+// Turns a row of base-2 scores (log2(e) folded in) into masked powers 2^(s - ref) against `ref`
+// (the running max or the logsumexp, in the same base). Keys at or beyond `limit` get exactly
+// zero. Returns the row's sum in lane form (callers keep it so; one horizontal sum per row at the
+// end instead of one per key block).
 template <typename A, int BK>
-inline A exp_row(A* s, int limit, A ref) {
+inline typename Vec<A>::type exp_row(A* s, int limit, A ref) {
   using V = typename Vec<A>::type;
   constexpr int W = Vec<A>::W;
   V sum = V{};
   if (limit >= BK) {  // unmasked row (every row without a causal mask): no lane test
     for (int j = 0; j < BK; j += W) {
-      const V e = vexp(vload<V>(s + j) - ref);
+      const V e = vexp2(vload<V>(s + j) - ref);
       vstore(s + j, e);
       sum += e;
     }
   } else {
     for (int j = 0; j < BK; j += W) {
-      V e = vexp(vload<V>(s + j) - ref);
+      V e = vexp2(vload<V>(s + j) - ref);
       const typename Vec<A>::itype idx = Vec<A>::iota() + j;
       e = idx < limit ? e : V{};
       vstore(s + j, e);
       sum += e;
     }
   }
-  return Reduce<A, kVecBytes>::sum(sum);
+  return sum;
 }
 
 template <typename A, int BK>
@@ -285,7 +315,8 @@ void forward_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* ou
   constexpr int QC = kChunkQueries, BQ = kTileQueries;
   const int64_t d = pr.d, dp = DP > 0 ? DP : round_up(d, Vec<A>::W);
   const int64_t nqc = (pr.Tq + QC - 1) / QC;
-  const A scale = static_cast<A>(pr.scale);
+  const A qscale = static_cast<A>(pr.scale * 1.4426950408889634);  // scale * log2(e): base-2 softmax
+  const A ln2 = static_cast<A>(0.6931471805599453);
   const A ninf = -std::numeric_limits<A>::infinity();
   const int64_t grain = work_grain(pr.B * pr.Hq * nqc, static_cast<double>(pr.B) * pr.Hq * pr.Tq * pr.Tk * pr.d);
   const SharedTiles<A> shared = make_shared_tiles<T, A, BK>(pr, tab, k, v, dp, true, false, false, true);
@@ -296,7 +327,8 @@ void forward_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* ou
     const bool keep = !shared.on && (nqc > 1 || pr.group > 1);
     const int64_t nkb = (pr.Tk + BK - 1) / BK;
     const int64_t kv_tile = shared.on ? 0 : keep ? nkb * dp * BK : dp * BK;
-    std::vector<A> Qs(QC * dp), KT(kv_tile), Vt(kv_tile), S(BQ * BK), O(QC * dp), m(QC), l(QC);
+    std::vector<A> Qs(QC * dp), KT(kv_tile), Vt(kv_tile), S(BQ * BK), O(QC * dp), m(QC);
+    std::vector<A> l(QC * Vec<A>::W);  // row sums in lane form
     std::vector<char> ready(keep ? nkb : 0);
     int64_t kept_b = -1, kept_hk = -1;
     for (int64_t task = t0; task < t1; ++task) {
@@ -312,13 +344,13 @@ void forward_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* ou
       for (int r = 0; r < nrows4; ++r) {
         if (r < nrows) {
           const int64_t row = pr.rope_q ? tab.q_row[b] + i0 + r : 0;
-          rotate_row<T, A>(qbase + r * d, Qs.data() + r * dp, d, dp, scale, pr.rope_q ? tab.cos_row(row) : nullptr,
+          rotate_row<T, A>(qbase + r * d, Qs.data() + r * dp, d, dp, qscale, pr.rope_q ? tab.cos_row(row) : nullptr,
                            pr.rope_q ? tab.sin_row(row) : nullptr, A(1));
         } else {
           std::fill(Qs.begin() + r * dp, Qs.begin() + (r + 1) * dp, A(0));
         }
         m[r] = ninf;
-        l[r] = 0;
+        std::fill(l.begin() + r * Vec<A>::W, l.begin() + (r + 1) * Vec<A>::W, A(0));
       }
       std::fill(O.begin(), O.begin() + nrows4 * dp, A(0));
       int64_t kend = pr.Tk;
@@ -364,9 +396,10 @@ void forward_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* ou
             }
             const int rr = s0 + r;
             const A mnew = std::max(m[rr], row_max<A, BK>(srow, lim));
-            const A corr = m[rr] == ninf ? A(0) : mnew == m[rr] ? A(1) : exp_scalar(m[rr] - mnew);
-            const A sum = exp_row<A, BK>(srow, lim, mnew);
-            l[rr] = l[rr] * corr + sum;
+            const A corr = m[rr] == ninf ? A(0) : mnew == m[rr] ? A(1) : std::exp2(m[rr] - mnew);
+            using V = typename Vec<A>::type;
+            A* lrr = l.data() + rr * Vec<A>::W;
+            vstore(lrr, vload<V>(lrr) * corr + exp_row<A, BK>(srow, lim, mnew));
             m[rr] = mnew;
             if (corr != A(1))
               for (int64_t c = 0; c < dp; ++c) O[rr * dp + c] *= corr;
@@ -377,10 +410,13 @@ void forward_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* ou
       for (int r = 0; r < nrows; ++r) {
         T* orow = out + ((b * pr.Hq + h) * pr.Tq + i0 + r) * d;
         A* lrow = lse + (b * pr.Hq + h) * pr.Tq + i0 + r;
-        if (l[r] > 0) {
-          const A inv = A(1) / l[r];
+        // l is 0 when the row sees no key; NaN (not > 0) when one of its scores was NaN, or
+        // +inf (inf - inf): that row comes out NaN as in the reference
+        const A lr = Reduce<A, kVecBytes>::sum(vload<typename Vec<A>::type>(l.data() + r * Vec<A>::W));
+        if (lr != A(0)) {
+          const A inv = A(1) / lr;
           for (int64_t c = 0; c < d; ++c) orow[c] = static_cast<T>(O[r * dp + c] * inv);
-          *lrow = m[r] + std::log(l[r]);
+          *lrow = (m[r] + std::log2(lr)) * ln2;
         } else {
           for (int64_t c = 0; c < d; ++c) orow[c] = static_cast<T>(0);
           *lrow = ninf;
@@ -390,12 +426,40 @@ void forward_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* ou
   });
 }
 
+// Adds a transposed tile of key and value gradients (row c holds channel c of BK keys; keys
+// [kb, kb + nk) of batch b, kv head hk) into dk, dv (k's layout; batch 0 when k is shared), turning
+// dk back to k's frame (R^T at batch b's key positions) when k is rotated and scaling it by kscale.
+template <typename A, int BK>
+void add_kv_grad_tile(const Problem& pr, const RopeTable<A>& tab, int64_t b, int64_t hk, int64_t kb, int nk,
+                      const A* dKT, const A* dVT, A kscale, A* dk, A* dv) {
+  const int64_t d = pr.d;
+  const int64_t off = ((pr.Bk == 1 ? 0 : b) * pr.Hk + hk) * pr.Tk * d + kb * d;
+  A* dkd = dk + off;
+  A* dvd = dv + off;
+  for (int j = 0; j < nk; ++j) {
+    if (pr.rope_k) {
+      const int64_t row = tab.k_row[b] + kb + j;
+      const A* cs = tab.cos_row(row);
+      const A* sn = tab.sin_row(row);
+      for (int64_t i = 0; i < d / 2; ++i) {
+        const A g0 = kscale * dKT[(2 * i) * BK + j], g1 = kscale * dKT[(2 * i + 1) * BK + j];
+        dkd[j * d + 2 * i] += g0 * cs[i] + g1 * sn[i];
+        dkd[j * d + 2 * i + 1] += -g0 * sn[i] + g1 * cs[i];
+      }
+    } else {
+      for (int64_t c = 0; c < d; ++c) dkd[j * d + c] += kscale * dKT[c * BK + j];
+    }
+    for (int64_t c = 0; c < d; ++c) dvd[j * d + c] += dVT[c * BK + j];
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Backward, one pass (flash-attention-2 style). A task is one (query batch b, kv head hk): it
 // owns dq for the grouped query heads of (b, hk), and dk, dv of (b, hk) when k is not shared.
 // Its queries and output gradients are rotated and staged once; for each key block, each
-// query tile recomputes P = exp(S - lse) and forms dS = P * (dP - D), then
-//   dV += P^T dO,  dK += dS^T (scale R q),  dQ += dS (R k).
+// query tile recomputes P = exp(S - lse) (base 2: q staged with scale * log2 e) and forms
+// dS = P * (dP - D), then dV += P^T dO,  dK += dS^T (scale R q) (the ln 2 applied on write-out),
+// dQ += dS (R k).
 // With a shared k (Bk == 1) the dk, dv of a task are added into per-thread partial sums that are
 // reduced at the end; at::parallel_for hands each thread a fixed contiguous range of tasks, so
 // the summation order, and the result, is the same run to run for a given thread count.
@@ -408,6 +472,7 @@ void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, c
   const int64_t nkb = (pr.Tk + BK - 1) / BK;
   const int64_t tq4 = round_up(pr.Tq, 4);
   const A scale = static_cast<A>(pr.scale);
+  const A log2e = static_cast<A>(1.4426950408889634), ln2 = static_cast<A>(0.6931471805599453);
   const SharedTiles<A> shared = make_shared_tiles<T, A, BK>(pr, tab, k, v, dp, true, true, true, false);
   // A query tile starts at the first row that sees the key block (any row, not a multiple of 4)
   // and spans mq = round_up(nq, 4) rows, so it can run up to 3 rows past the last group's staged
@@ -437,10 +502,10 @@ void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, c
           A* orow = dO.data() + (g * tq4 + i) * dp;
           if (i < pr.Tq) {
             const int64_t row = pr.rope_q ? tab.q_row[b] + i : 0;
-            rotate_row<T, A>(q + (rowbase + i) * d, qrow, d, dp, scale, pr.rope_q ? tab.cos_row(row) : nullptr,
+            rotate_row<T, A>(q + (rowbase + i) * d, qrow, d, dp, scale * log2e, pr.rope_q ? tab.cos_row(row) : nullptr,
                              pr.rope_q ? tab.sin_row(row) : nullptr, A(1));
             rotate_row<T, A>(gout + (rowbase + i) * d, orow, d, dp, A(1), nullptr, nullptr, A(1));
-            L[g * tq4 + i] = lse[rowbase + i];
+            L[g * tq4 + i] = lse[rowbase + i] * log2e;
             Dv[g * tq4 + i] = Drow[rowbase + i];
           } else {
             std::fill(qrow, qrow + dp, A(0));
@@ -505,24 +570,7 @@ void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, c
           }
         }
         if (shared.on) continue;  // accumulated in this thread's tiles, written out after its last task
-        // dk back to k's frame (R^T at this batch's key positions); add into this task's output
-        A* dkd = dk_part + (hk * pr.Tk + kb) * d + (pr.Bk == 1 ? 0 : b * pr.Hk * pr.Tk * d);
-        A* dvd = dv_part + (hk * pr.Tk + kb) * d + (pr.Bk == 1 ? 0 : b * pr.Hk * pr.Tk * d);
-        for (int j = 0; j < nk; ++j) {
-          if (pr.rope_k) {
-            const int64_t row = tab.k_row[b] + kb + j;
-            const A* cs = tab.cos_row(row);
-            const A* sn = tab.sin_row(row);
-            for (int64_t i = 0; i < d / 2; ++i) {
-              const A g0 = dKT[(2 * i) * BK + j], g1 = dKT[(2 * i + 1) * BK + j];
-              dkd[j * d + 2 * i] += g0 * cs[i] + g1 * sn[i];
-              dkd[j * d + 2 * i + 1] += -g0 * sn[i] + g1 * cs[i];
-            }
-          } else {
-            for (int64_t c = 0; c < d; ++c) dkd[j * d + c] += dKT[c * BK + j];
-          }
-          for (int64_t c = 0; c < d; ++c) dvd[j * d + c] += dVT[c * BK + j];
-        }
+        add_kv_grad_tile<A, BK>(pr, tab, b, hk, kb, nk, dKT.data(), dVT.data(), ln2, dk_part, dv_part);
       }
       for (int64_t g = 0; g < pr.group; ++g) {
         const int64_t rowbase = (b * pr.Hq + hk * pr.group + g) * pr.Tq;
@@ -536,22 +584,309 @@ void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, c
         }
       }
     }
-    if (shared.on) {  // k is not rotated here (shared tiles need !rope_k): a plain transpose
+    if (shared.on)  // k is not rotated here (shared tiles need !rope_k)
       for (int64_t hk = 0; hk < pr.Hk; ++hk)
         for (int64_t kblk = 0; kblk < nkb; ++kblk) {
           const int64_t kb = kblk * BK;
           const int nk = static_cast<int>(std::min<int64_t>(BK, pr.Tk - kb));
-          const A* gk = dK_tiles.data() + (hk * nkb + kblk) * dp * BK;
-          const A* gv = dV_tiles.data() + (hk * nkb + kblk) * dp * BK;
-          A* dkd = dk_part + (hk * pr.Tk + kb) * d;
-          A* dvd = dv_part + (hk * pr.Tk + kb) * d;
-          for (int j = 0; j < nk; ++j)
-            for (int64_t c = 0; c < d; ++c) {
-              dkd[j * d + c] += gk[c * BK + j];
-              dvd[j * d + c] += gv[c * BK + j];
-            }
+          add_kv_grad_tile<A, BK>(pr, tab, 0, hk, kb, nk, dK_tiles.data() + (hk * nkb + kblk) * dp * BK,
+                                  dV_tiles.data() + (hk * nkb + kblk) * dp * BK, ln2, dk_part, dv_part);
         }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward for small head sizes (d <= 16) over many keys, keys along the vector lanes. With d = 8 a row-major
+// tile wastes half of an AVX-512 vector (or pads d), and the score matrix makes three trips
+// through memory (GEMM out, max, exp); here a query row meets a block of NV vectors of keys held
+// in registers: scores s = q . K^T (d broadcast FMAs per vector), block max, p = 2^(s - m) and
+// the PV product accumulated per value channel in lane form (d FMAs per vector), reduced across
+// lanes once per row. The scale and log2(e) are folded into the staged query, so the softmax runs
+// in base 2; lse is converted back to natural log on output.
+// Key/value tiles are the (d x BK) transposed layout: shared by the batch when k is (codebook),
+// otherwise a per-thread copy of the current (batch, kv head), filled as far as the keys needed.
+// Which head sizes and key counts take it: lanes_forward() (rope_attention_cpu.cpp).
+constexpr int kLaneBlockVectors = 4;  // key vectors per block: scores stay in registers (4 and 8 timed alike)
+// The backward's sweeps spill with AVX2's 16 registers: the tile GEMM backward is faster there.
+constexpr int kLanesBackwardMaxHead = kManyRegisters ? 8 : 0;
+constexpr int kLanesRowChunk = 64;  // backward: rows whose dS (64 x BK) stay in L1 between sweeps
+
+template <typename T, typename A, int D>
+void forward_lanes_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* out, A* lse,
+                          const RopeTable<A>& tab) {
+  using V = typename Vec<A>::type;
+  using VI = typename Vec<A>::itype;
+  constexpr int W = Vec<A>::W, NV = kLaneBlockVectors, BK = NV * W, QC = kChunkQueries;
+  const int64_t d = pr.d;
+  const int64_t nqc = (pr.Tq + QC - 1) / QC;
+  const int64_t nkb = (pr.Tk + BK - 1) / BK;
+  const A qscale = static_cast<A>(pr.scale * 1.4426950408889634);  // scale * log2(e)
+  const A ln2 = static_cast<A>(0.6931471805599453);
+  const A ninf = -std::numeric_limits<A>::infinity();
+  const int64_t grain = work_grain(pr.B * pr.Hq * nqc, static_cast<double>(pr.B) * pr.Hq * pr.Tq * pr.Tk * pr.d);
+  const SharedTiles<A> shared = make_shared_tiles<T, A, BK>(pr, tab, k, v, D, true, false, true, false);
+  at::parallel_for(0, pr.B * pr.Hq * nqc, grain, [&](int64_t t0, int64_t t1) {
+    const int64_t cache = shared.on ? 0 : nkb * D * BK;
+    std::vector<A> KT(cache), VT(cache), Qs(QC * D);
+    int64_t cached_b = -1, cached_hk = -1, cached_blocks = 0;
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t qc = task % nqc, h = (task / nqc) % pr.Hq, b = task / (nqc * pr.Hq);
+      const int64_t bk = pr.Bk == 1 ? 0 : b, hk = h / pr.group;
+      const int64_t i0 = qc * QC;
+      const int nrows = static_cast<int>(std::min<int64_t>(QC, pr.Tq - i0));
+      const T* qbase = q + ((b * pr.Hq + h) * pr.Tq + i0) * d;
+      const int64_t qp0 = pr.qpos[b] + i0, kp0 = pr.kpos[b];
+      for (int r = 0; r < nrows; ++r) {
+        const int64_t row = pr.rope_q ? tab.q_row[b] + i0 + r : 0;
+        rotate_row<T, A>(qbase + r * d, Qs.data() + r * D, d, D, qscale, pr.rope_q ? tab.cos_row(row) : nullptr,
+                         pr.rope_q ? tab.sin_row(row) : nullptr, A(1));
+      }
+      int64_t kend = pr.Tk;  // keys any row of the chunk sees
+      if (pr.causal) kend = std::max<int64_t>(0, std::min<int64_t>(pr.Tk, qp0 + nrows - kp0));
+      if (!shared.on) {
+        if (cached_b != b || cached_hk != hk) {
+          cached_b = b;
+          cached_hk = hk;
+          cached_blocks = 0;
+        }
+        const T* kbase = k + (bk * pr.Hk + hk) * pr.Tk * d;
+        const T* vbase = v + (bk * pr.Hk + hk) * pr.Tk * d;
+        for (; cached_blocks * BK < kend; ++cached_blocks) {
+          const int64_t kb = cached_blocks * BK;
+          load_kv_tile<T, A, BK>(pr, tab, b, kbase, vbase, kb, std::min<int64_t>(BK, pr.Tk - kb), D,
+                                 KT.data() + cached_blocks * D * BK, nullptr, VT.data() + cached_blocks * D * BK,
+                                 nullptr);
+        }
+      }
+      for (int r = 0; r < nrows; ++r) {
+        int64_t kend_r = pr.Tk;
+        if (pr.causal) kend_r = std::max<int64_t>(0, std::min<int64_t>(pr.Tk, qp0 + r - kp0 + 1));
+        V qv[D], acc[D];
+        for (int c = 0; c < D; ++c) {
+          qv[c] = V{} + Qs[r * D + c];
+          acc[c] = V{};
+        }
+        V lsum = V{};
+        A m = ninf;
+        for (int64_t kb = 0; kb < kend_r; kb += BK) {
+          const int64_t kblk = kb / BK;
+          const int nk = static_cast<int>(std::min<int64_t>(BK, kend_r - kb));
+          const A* kt = shared.on ? shared.at(shared.kt, hk, kblk) : KT.data() + kblk * D * BK;
+          const A* vt = shared.on ? shared.at(shared.vt, hk, kblk) : VT.data() + kblk * D * BK;
+          // fully unrolled, so that the scores and accumulators live in registers
+          V s[NV];
+#pragma GCC unroll 16
+          for (int j = 0; j < NV; ++j) {
+            s[j] = qv[0] * vload<V>(kt + j * W);
+#pragma GCC unroll 16
+            for (int c = 1; c < D; ++c) s[j] += qv[c] * vload<V>(kt + c * BK + j * W);
+          }
+          if (nk < BK)
+#pragma GCC unroll 16
+            for (int j = 0; j < NV; ++j) s[j] = Vec<A>::iota() + j * W < nk ? s[j] : V{} + ninf;
+          V mx = s[0];
+#pragma GCC unroll 16
+          for (int j = 1; j < NV; ++j) mx = s[j] > mx ? s[j] : mx;
+          const A bm = Reduce<A, kVecBytes>::max(mx);
+          if (bm > m) {  // rescale what was summed against the old maximum (2^-inf = 0 at the start)
+            const A corr = std::exp2(m - bm);
+#pragma GCC unroll 16
+            for (int c = 0; c < D; ++c) acc[c] *= corr;
+            lsum *= corr;
+            m = bm;
+          }
+#pragma GCC unroll 16
+          for (int j = 0; j < NV; ++j) {
+            V p = vexp2(s[j] - m);
+            if (nk < BK) p = Vec<A>::iota() + j * W < nk ? p : V{};
+            lsum += p;
+#pragma GCC unroll 16
+            for (int c = 0; c < D; ++c) acc[c] += p * vload<V>(vt + c * BK + j * W);
+          }
+        }
+        const A l = Reduce<A, kVecBytes>::sum(lsum);
+        T* orow = out + ((b * pr.Hq + h) * pr.Tq + i0 + r) * d;
+        A* lrow = lse + (b * pr.Hq + h) * pr.Tq + i0 + r;
+        // l is 0 when the row sees no key, NaN when one of its scores was NaN (as in exp_row's users)
+        if (l != A(0)) {
+          const A inv = A(1) / l;
+          for (int64_t c = 0; c < d; ++c) orow[c] = static_cast<T>(Reduce<A, kVecBytes>::sum(acc[c]) * inv);
+          *lrow = (m + std::log2(l)) * ln2;
+        } else {
+          for (int64_t c = 0; c < d; ++c) orow[c] = static_cast<T>(0);
+          *lrow = ninf;
+        }
+      }
     }
+  });
+}
+
+// Backward for head sizes up to 8, keys along the lanes as in forward_lanes_kernel. Tasks and the
+// dk, dv partial sums are those of backward_kernel. Per key block and chunk of query rows:
+//   sweep 1, per key vector (its K^T, V^T columns in registers) over the rows: s = q . K^T,
+//     p = 2^(s - lse log2 e), dp = dO . V^T, dS = p (dp - D) (kept for the chunk), dV^T += p dO;
+//   sweep 2, per key vector over the rows: dK^T += dS q;
+//   per row: dQ += dS K in lane accumulators, reduced across lanes once per task.
+// The dK^T, dV^T sums stay in registers across the rows of a chunk: updating them in memory
+// for every row made the kernel store-bound. q is staged with scale * log2(e) folded in; dK gets
+// the ln 2 back when its tile is written out.
+template <typename T, typename A, int D>
+void backward_lanes_kernel(const Problem& pr, const T* gout, const T* q, const T* k, const T* v, const A* lse,
+                           const A* Drow, T* dq, A* dk_out, A* dv_out, int64_t partial_stride, int64_t nthreads,
+                           const RopeTable<A>& tab, int64_t grain) {
+  using V = typename Vec<A>::type;
+  constexpr int W = Vec<A>::W, NV = kLaneBlockVectors, BK = NV * W;
+  const int64_t d = pr.d, tq = pr.Tq;
+  const int64_t nkb = (pr.Tk + BK - 1) / BK;
+  const A log2e = static_cast<A>(1.4426950408889634);
+  const A qscale = static_cast<A>(pr.scale) * log2e;
+  const A ln2 = static_cast<A>(0.6931471805599453);
+  const SharedTiles<A> shared = make_shared_tiles<T, A, BK>(pr, tab, k, v, D, true, false, true, false);
+  at::parallel_for(0, pr.B * pr.Hk, grain, [&](int64_t t0, int64_t t1) {
+    const int64_t rows = pr.group * tq;
+    std::vector<A> Qs(rows * D), dO(rows * D), L(rows), Dv(rows), dQacc(rows * D * W);
+    const int64_t kv_tile = shared.on ? 0 : D * BK;
+    std::vector<A> KT(kv_tile), VT(kv_tile), dKT(kv_tile), dVT(kv_tile), DS(kLanesRowChunk * BK);
+    std::vector<int> lim(kLanesRowChunk);
+    // shared k: this thread's dk^T, dv^T stay in tile layout over all its tasks (as backward_kernel)
+    const int64_t acc_size = shared.on ? pr.Hk * nkb * D * BK : 0;
+    std::vector<A> dK_tiles(acc_size, A(0)), dV_tiles(acc_size, A(0));
+    const int64_t tid = pr.Bk == 1 ? at::get_thread_num() : 0;
+    TORCH_CHECK(tid < nthreads, "rope_attention backward: unexpected thread index");
+    A* dk_part = dk_out + tid * partial_stride;
+    A* dv_part = dv_out + tid * partial_stride;
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t hk = task % pr.Hk, b = task / pr.Hk;
+      const int64_t bk = pr.Bk == 1 ? 0 : b;
+      const int64_t qs = pr.qpos[b], ks = pr.kpos[b];
+      for (int64_t g = 0; g < pr.group; ++g) {
+        const int64_t rowbase = (b * pr.Hq + hk * pr.group + g) * tq;
+        for (int64_t i = 0; i < tq; ++i) {
+          const int64_t ro = g * tq + i;
+          const int64_t row = pr.rope_q ? tab.q_row[b] + i : 0;
+          rotate_row<T, A>(q + (rowbase + i) * d, Qs.data() + ro * D, d, D, qscale,
+                           pr.rope_q ? tab.cos_row(row) : nullptr, pr.rope_q ? tab.sin_row(row) : nullptr, A(1));
+          rotate_row<T, A>(gout + (rowbase + i) * d, dO.data() + ro * D, d, D, A(1), nullptr, nullptr, A(1));
+          L[ro] = lse[rowbase + i] * log2e;
+          Dv[ro] = Drow[rowbase + i];
+        }
+      }
+      std::fill(dQacc.begin(), dQacc.end(), A(0));
+      const int64_t kvbase = (bk * pr.Hk + hk) * pr.Tk * d;
+      for (int64_t kblk = 0; kblk < nkb; ++kblk) {
+        const int64_t kb = kblk * BK;
+        const int nk = static_cast<int>(std::min<int64_t>(BK, pr.Tk - kb));
+        const int64_t qstart = pr.causal ? std::max<int64_t>(0, ks + kb - qs) : 0;  // first row seeing key kb
+        if (qstart >= tq) break;
+        const A* kt = KT.data();
+        const A* vt = VT.data();
+        A* dkt = dKT.data();
+        A* dvt = dVT.data();
+        if (shared.on) {
+          kt = shared.at(shared.kt, hk, kblk);
+          vt = shared.at(shared.vt, hk, kblk);
+          dkt = dK_tiles.data() + (hk * nkb + kblk) * D * BK;
+          dvt = dV_tiles.data() + (hk * nkb + kblk) * D * BK;
+        } else {
+          load_kv_tile<T, A, BK>(pr, tab, b, k + kvbase, v + kvbase, kb, nk, D, KT.data(), nullptr, VT.data(),
+                                 nullptr);
+          std::fill(dKT.begin(), dKT.end(), A(0));
+          std::fill(dVT.begin(), dVT.end(), A(0));
+        }
+        for (int64_t g = 0; g < pr.group; ++g) {
+          for (int64_t r0 = qstart; r0 < tq; r0 += kLanesRowChunk) {
+            const int nr = static_cast<int>(std::min<int64_t>(kLanesRowChunk, tq - r0));
+            const int64_t ro0 = g * tq + r0;
+            for (int r = 0; r < nr; ++r) lim[r] = visible_keys(pr, qs + r0 + r, ks + kb, nk);
+            // Sweep 1, one key vector at a time over the chunk's rows: P, dS, and dV^T in registers.
+#pragma GCC unroll 16
+            for (int j = 0; j < NV; ++j) {
+              V kc[D], vc[D], dv[D];
+#pragma GCC unroll 16
+              for (int c = 0; c < D; ++c) {
+                kc[c] = vload<V>(kt + c * BK + j * W);
+                vc[c] = vload<V>(vt + c * BK + j * W);
+                dv[c] = V{};
+              }
+              for (int r = 0; r < nr; ++r) {
+                A* dsrow = DS.data() + r * BK + j * W;
+                if (j * W >= lim[r]) {  // no visible key in this vector
+                  vstore(dsrow, V{});
+                  continue;
+                }
+                const A* qr = Qs.data() + (ro0 + r) * D;
+                const A* orow = dO.data() + (ro0 + r) * D;
+                V sc = qr[0] * kc[0], dp = orow[0] * vc[0];
+#pragma GCC unroll 16
+                for (int c = 1; c < D; ++c) {
+                  sc += qr[c] * kc[c];
+                  dp += orow[c] * vc[c];
+                }
+                V p = vexp2(sc - L[ro0 + r]);
+                if (lim[r] < BK) p = Vec<A>::iota() + j * W < lim[r] ? p : V{};
+                vstore(dsrow, p * (dp - Dv[ro0 + r]));
+#pragma GCC unroll 16
+                for (int c = 0; c < D; ++c) dv[c] += p * orow[c];
+              }
+#pragma GCC unroll 16
+              for (int c = 0; c < D; ++c) vstore(dvt + c * BK + j * W, vload<V>(dvt + c * BK + j * W) + dv[c]);
+            }
+            // Sweep 2: dK^T += dS^T q, again per key vector in registers.
+#pragma GCC unroll 16
+            for (int j = 0; j < NV; ++j) {
+              V dk[D];
+#pragma GCC unroll 16
+              for (int c = 0; c < D; ++c) dk[c] = V{};
+              for (int r = 0; r < nr; ++r) {
+                const V ds = vload<V>(DS.data() + r * BK + j * W);
+                const A* qr = Qs.data() + (ro0 + r) * D;
+#pragma GCC unroll 16
+                for (int c = 0; c < D; ++c) dk[c] += ds * qr[c];
+              }
+#pragma GCC unroll 16
+              for (int c = 0; c < D; ++c) vstore(dkt + c * BK + j * W, vload<V>(dkt + c * BK + j * W) + dk[c]);
+            }
+            // dQ += dS K, per row in lane accumulators (reduced across lanes once per task).
+            for (int r = 0; r < nr; ++r) {
+              A* acc = dQacc.data() + (ro0 + r) * D * W;
+              V dqa[D];
+#pragma GCC unroll 16
+              for (int c = 0; c < D; ++c) dqa[c] = vload<V>(acc + c * W);
+#pragma GCC unroll 16
+              for (int j = 0; j < NV; ++j) {
+                const V ds = vload<V>(DS.data() + r * BK + j * W);
+#pragma GCC unroll 16
+                for (int c = 0; c < D; ++c) dqa[c] += ds * vload<V>(kt + c * BK + j * W);
+              }
+#pragma GCC unroll 16
+              for (int c = 0; c < D; ++c) vstore(acc + c * W, dqa[c]);
+            }
+          }
+        }
+        if (!shared.on) add_kv_grad_tile<A, BK>(pr, tab, b, hk, kb, nk, dKT.data(), dVT.data(), ln2, dk_part, dv_part);
+      }
+      for (int64_t g = 0; g < pr.group; ++g) {
+        const int64_t rowbase = (b * pr.Hq + hk * pr.group + g) * tq;
+        for (int64_t i = 0; i < tq; ++i) {
+          const int64_t ro = g * tq + i;
+          const int64_t row = pr.rope_q ? tab.q_row[b] + i : 0;
+          A dqrow[D], tmp[D];
+          for (int c = 0; c < D; ++c) dqrow[c] = Reduce<A, kVecBytes>::sum(vload<V>(dQacc.data() + (ro * D + c) * W));
+          rotate_row<A, A>(dqrow, tmp, d, d, static_cast<A>(pr.scale), pr.rope_q ? tab.cos_row(row) : nullptr,
+                           pr.rope_q ? tab.sin_row(row) : nullptr, A(-1));
+          T* dst = dq + (rowbase + i) * d;
+          for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<T>(tmp[c]);
+        }
+      }
+    }
+    if (shared.on)
+      for (int64_t hk = 0; hk < pr.Hk; ++hk)
+        for (int64_t kblk = 0; kblk < nkb; ++kblk) {
+          const int64_t kb = kblk * BK;
+          const int nk = static_cast<int>(std::min<int64_t>(BK, pr.Tk - kb));
+          add_kv_grad_tile<A, BK>(pr, tab, 0, hk, kb, nk, dK_tiles.data() + (hk * nkb + kblk) * D * BK,
+                                  dV_tiles.data() + (hk * nkb + kblk) * D * BK, ln2, dk_part, dv_part);
+        }
   });
 }
 
@@ -569,11 +904,15 @@ void dispatch_head_size(int64_t dp, F&& f) {
 // Entry points of this instruction set (the accumulation type is the input type here).
 template <typename T>
 void run_forward(const Problem& pr, const T* q, const T* k, const T* v, T* out, T* lse, const RopeTable<T>& tab) {
+  if (lanes_forward(pr))
+    return pr.d <= 8 ? forward_lanes_kernel<T, T, 8>(pr, q, k, v, out, lse, tab)
+                     : forward_lanes_kernel<T, T, 16>(pr, q, k, v, out, lse, tab);
   dispatch_head_size(round_up(pr.d, Vec<T>::W), [&](auto DPc) {
     constexpr int DP = decltype(DPc)::value;
-    // Head size 8 over many keys takes tiles twice as wide: the per-row softmax bookkeeping is
-    // then spread over twice the scores (short key ranges would only pad more).
-    if (DP == 8 && pr.Tk >= 512)
+    // Head size 64 over many unmasked keys (a codebook) takes tiles twice as wide: the per-row
+    // softmax bookkeeping is spread over twice the scores (short key ranges would only pad more,
+    // a causal diagonal would mask more).
+    if (DP == 64 && !pr.causal && pr.Tk >= 512)
       forward_kernel<T, T, DP, 2 * kTileKeys>(pr, q, k, v, out, lse, tab);
     else
       forward_kernel<T, T, DP, kTileKeys>(pr, q, k, v, out, lse, tab);
@@ -584,6 +923,9 @@ template <typename T>
 void run_backward(const Problem& pr, const T* gout, const T* q, const T* k, const T* v, const T* lse, const T* Drow,
                   T* dq, T* dk_out, T* dv_out, int64_t partial_stride, int64_t nthreads, const RopeTable<T>& tab,
                   int64_t grain) {
+  if (pr.d <= kLanesBackwardMaxHead)
+    return backward_lanes_kernel<T, T, 8>(pr, gout, q, k, v, lse, Drow, dq, dk_out, dv_out, partial_stride, nthreads,
+                                          tab, grain);
   dispatch_head_size(round_up(pr.d, Vec<T>::W), [&](auto DPc) {
     backward_kernel<T, T, decltype(DPc)::value>(pr, gout, q, k, v, lse, Drow, dq, dk_out, dv_out, partial_stride,
                                                 nthreads, tab, grain);
