@@ -129,9 +129,36 @@ def test_opcheck():
     torch.library.opcheck(op, (q, k, v, 0, torch.tensor([1, 3]), 1, None, False, True, False, 0.5, 100.0))
     out, lse = op(q, k, v, 2, None, 0, None, True, True, True, 0.3, 10000.0)
     go = torch.randn_like(out)
-    torch.library.opcheck(torch.ops.vqext.rope_attention_bwd.default,
-                          (go, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), 2, None, 0, None,
-                           True, True, True, 0.3, 10000.0))
+    for kv_grad in (True, False):
+        torch.library.opcheck(torch.ops.vqext.rope_attention_bwd.default,
+                              (go, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), 2, None, 0, None,
+                               True, True, True, 0.3, 10000.0, kv_grad))
+
+
+@native
+@pytest.mark.parametrize("d, Tk, Bk, causal", [(8, 300, 1, False), (8, 40, 2, True), (16, 300, 1, False),
+                                               (64, 520, 1, False), (6, 33, 2, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_frozen_keys_and_values_skip_their_gradients(d, Tk, Bk, causal, dtype):
+    """k, v without requires_grad (a frozen codebook): the backward computes dq only, the same dq."""
+    q, k, v = _inputs(2, 2, 37, Bk, 2, Tk, d, dtype=dtype)
+    kw = dict(causal=causal, rope_q=True, q_offset=Tk - 37 if causal else 0, scale=0.4)
+    go = torch.randn(q.shape, dtype=dtype)
+    q1 = q.detach().clone().requires_grad_()
+    full = torch.autograd.grad(rope_attention(q1, k.detach().requires_grad_(), v.detach().requires_grad_(), **kw),
+                               q1, go)[0]
+    q2 = q.detach().clone().requires_grad_()
+    frozen = torch.autograd.grad(rope_attention(q2, k.detach(), v.detach(), **kw), q2, go)[0]
+    torch.testing.assert_close(frozen, full, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-7)
+    q3 = q.detach().clone().requires_grad_()
+    ref = torch.autograd.grad(rope_attention_reference(q3, k.detach(), v.detach(), **kw), q3, go)[0]
+    torch.testing.assert_close(frozen, ref, **_tol(dtype))
+    out, lse = torch.ops.vqext.rope_attention_fwd(q.detach(), k, v, kw["q_offset"], None, 0, None, causal, True,
+                                                  False, 0.4, 10000.0)
+    dq, dk, dv = torch.ops.vqext.rope_attention_bwd(go, q.detach(), k, v, out, lse, kw["q_offset"], None, 0, None,
+                                                    causal, True, False, 0.4, 10000.0, False)
+    assert dk.numel() == 0 and dv.numel() == 0
+    torch.testing.assert_close(dq, frozen, rtol=0, atol=0)
 
 
 @native

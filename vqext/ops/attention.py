@@ -168,7 +168,9 @@ def _attn_fwd_fake(q, k, v, q_offset, q_offsets, k_offset, k_offsets, causal, ro
 
 
 def _attn_bwd_fake(grad_out, q, k, v, out, lse, q_offset, q_offsets, k_offset, k_offsets, causal, rope_q,
-                   rope_k, scale, base):
+                   rope_k, scale, base, kv_grad=True):
+    if not kv_grad:
+        return q.new_empty(q.shape), k.new_empty(0), v.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -181,7 +183,11 @@ def _attn_setup(ctx, inputs, output):
 
 def _attn_backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.vqext.rope_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, *ctx.rest)
+    # A frozen codebook (k, v without gradients) skips the key/value half of the backward.
+    kv_grad = bool(ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
+    dq, dk, dv = torch.ops.vqext.rope_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, *ctx.rest, kv_grad)
+    if not kv_grad:
+        dk = dv = None
     return (dq, dk, dv) + (None,) * len(ctx.rest)
 
 

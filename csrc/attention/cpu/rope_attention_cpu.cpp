@@ -138,6 +138,7 @@ struct Problem {
   bool causal, rope_q, rope_k;
   double scale, base;
   std::vector<int64_t> qpos, kpos;  // absolute position of row 0, per query batch
+  bool kv_grad = true;              // backward: also dk, dv (false: dq only)
 };
 
 // Number of keys of block [kb, kb + nk) that query row i (absolute position qp) sees.
@@ -229,9 +230,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_bwd_cpu(
     const at::Tensor& gout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, int64_t q_offset, const c10::optional<at::Tensor>& q_offsets,
     int64_t k_offset, const c10::optional<at::Tensor>& k_offsets, bool causal, bool rope_q, bool rope_k, double scale,
-    double base) {
-  const Problem pr =
+    double base, bool kv_grad) {
+  Problem pr =
       make_problem(q_in, k_in, v_in, q_offset, q_offsets, k_offset, k_offsets, causal, rope_q, rope_k, scale, base);
+  pr.kv_grad = kv_grad;
   TORCH_CHECK(q_in.scalar_type() == at::kFloat || q_in.scalar_type() == at::kDouble,
               "rope_attention on CPU takes float32 or float64, got ", q_in.scalar_type());
   TORCH_CHECK(gout_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
@@ -247,8 +249,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_bwd_cpu(
   // dk, dv accumulate in A; with a shared k (Bk == 1) each thread has its own partial sums
   const int64_t nthreads = pr.Bk == 1 ? at::get_num_threads() : 1;
   const int64_t kv_numel = k.numel();
-  at::Tensor dk_acc = at::zeros({nthreads, kv_numel}, q.options());
-  at::Tensor dv_acc = at::zeros({nthreads, kv_numel}, q.options());
+  at::Tensor dk_acc = at::zeros({kv_grad ? nthreads : 0, kv_numel}, q.options());
+  at::Tensor dv_acc = at::zeros({kv_grad ? nthreads : 0, kv_numel}, q.options());
   const int64_t grain = work_grain(pr.B * pr.Hk, static_cast<double>(pr.B) * pr.Hq * pr.Tq * pr.Tk * pr.d);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rope_attention_bwd_cpu", [&] {
     using A = scalar_t;
@@ -258,6 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_bwd_cpu(
         Drow.data_ptr<A>(), dq.data_ptr<A>(), dk_acc.data_ptr<A>(), dv_acc.data_ptr<A>(), kv_numel, nthreads, tab,
         grain);
   });
+  if (!kv_grad) return {dq, at::empty({0}, k.options()), at::empty({0}, v.options())};
   at::Tensor dk = dk_acc.sum(0).view(k.sizes());
   at::Tensor dv = dv_acc.sum(0).view(v.sizes());
   return {dq, dk, dv};

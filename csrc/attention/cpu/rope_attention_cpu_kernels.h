@@ -485,12 +485,13 @@ void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, c
     // With shared tiles (k shared and not rotated), this thread's dk^T, dv^T stay in tile layout
     // across all its tasks: the gemms accumulate into them directly and the transpose back to
     // k's layout happens once per thread instead of once per task and key block.
-    const int64_t acc_size = shared.on ? pr.Hk * nkb * dp * BK : 0;
+    const bool kv = pr.kv_grad;
+    const int64_t acc_size = shared.on && kv ? pr.Hk * nkb * dp * BK : 0;
     std::vector<A> dK_tiles(acc_size, A(0)), dV_tiles(acc_size, A(0));
     const int64_t tid = pr.Bk == 1 ? at::get_thread_num() : 0;
-    TORCH_CHECK(tid < nthreads, "rope_attention backward: unexpected thread index");
-    A* dk_part = dk_out + tid * partial_stride;
-    A* dv_part = dv_out + tid * partial_stride;
+    TORCH_CHECK(!kv || tid < nthreads, "rope_attention backward: unexpected thread index");
+    A* dk_part = kv ? dk_out + tid * partial_stride : nullptr;
+    A* dv_part = kv ? dv_out + tid * partial_stride : nullptr;
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t hk = task % pr.Hk, b = task / pr.Hk;
       const int64_t bk = pr.Bk == 1 ? 0 : b;
@@ -534,10 +535,10 @@ void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, c
         }
         A* dKTb = dKT.data();
         A* dVTb = dVT.data();
-        if (shared.on) {
+        if (kv && shared.on) {
           dKTb = dK_tiles.data() + (hk * nkb + kblk) * dp * BK;
           dVTb = dV_tiles.data() + (hk * nkb + kblk) * dp * BK;
-        } else {
+        } else if (kv) {
           std::fill(dKT.begin(), dKT.end(), A(0));
           std::fill(dVT.begin(), dVT.end(), A(0));
         }
@@ -563,13 +564,15 @@ void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, c
               const A Di = Dv[ro + r];
               for (int j = 0; j < BK; ++j) dprow[j] = srow[j] * (dprow[j] - Di);  // dS
             }
-            gemm_auto<A, 0>(static_cast<int>(dp), BK, mq, dOt, 1, dp, S.data(), BK, dVTb, BK, true);
-            gemm_auto<A, 0>(static_cast<int>(dp), BK, mq, Qt, 1, dp, dP.data(), BK, dKTb, BK, true);
+            if (kv) {
+              gemm_auto<A, 0>(static_cast<int>(dp), BK, mq, dOt, 1, dp, S.data(), BK, dVTb, BK, true);
+              gemm_auto<A, 0>(static_cast<int>(dp), BK, mq, Qt, 1, dp, dP.data(), BK, dKTb, BK, true);
+            }
             gemm_auto<A, 0>(mq, static_cast<int>(dp), nk, dP.data(), BK, 1, Krb, dp, dQ.data() + ro * dp, dp,
                             true);
           }
         }
-        if (shared.on) continue;  // accumulated in this thread's tiles, written out after its last task
+        if (shared.on || !kv) continue;  // shared: accumulated in this thread's tiles, written out at the end
         add_kv_grad_tile<A, BK>(pr, tab, b, hk, kb, nk, dKT.data(), dVT.data(), ln2, dk_part, dv_part);
       }
       for (int64_t g = 0; g < pr.group; ++g) {
@@ -584,7 +587,7 @@ void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, c
         }
       }
     }
-    if (shared.on)  // k is not rotated here (shared tiles need !rope_k)
+    if (shared.on && kv)  // k is not rotated here (shared tiles need !rope_k)
       for (int64_t hk = 0; hk < pr.Hk; ++hk)
         for (int64_t kblk = 0; kblk < nkb; ++kblk) {
           const int64_t kb = kblk * BK;
@@ -749,12 +752,13 @@ void backward_lanes_kernel(const Problem& pr, const T* gout, const T* q, const T
     std::vector<A> KT(kv_tile), VT(kv_tile), dKT(kv_tile), dVT(kv_tile), DS(kLanesRowChunk * BK);
     std::vector<int> lim(kLanesRowChunk);
     // shared k: this thread's dk^T, dv^T stay in tile layout over all its tasks (as backward_kernel)
-    const int64_t acc_size = shared.on ? pr.Hk * nkb * D * BK : 0;
+    const bool kv = pr.kv_grad;
+    const int64_t acc_size = shared.on && kv ? pr.Hk * nkb * D * BK : 0;
     std::vector<A> dK_tiles(acc_size, A(0)), dV_tiles(acc_size, A(0));
     const int64_t tid = pr.Bk == 1 ? at::get_thread_num() : 0;
-    TORCH_CHECK(tid < nthreads, "rope_attention backward: unexpected thread index");
-    A* dk_part = dk_out + tid * partial_stride;
-    A* dv_part = dv_out + tid * partial_stride;
+    TORCH_CHECK(!kv || tid < nthreads, "rope_attention backward: unexpected thread index");
+    A* dk_part = kv ? dk_out + tid * partial_stride : nullptr;
+    A* dv_part = kv ? dv_out + tid * partial_stride : nullptr;
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t hk = task % pr.Hk, b = task / pr.Hk;
       const int64_t bk = pr.Bk == 1 ? 0 : b;
@@ -785,8 +789,10 @@ void backward_lanes_kernel(const Problem& pr, const T* gout, const T* q, const T
         if (shared.on) {
           kt = shared.at(shared.kt, hk, kblk);
           vt = shared.at(shared.vt, hk, kblk);
-          dkt = dK_tiles.data() + (hk * nkb + kblk) * D * BK;
-          dvt = dV_tiles.data() + (hk * nkb + kblk) * D * BK;
+          if (kv) {
+            dkt = dK_tiles.data() + (hk * nkb + kblk) * D * BK;
+            dvt = dV_tiles.data() + (hk * nkb + kblk) * D * BK;
+          }
         } else {
           load_kv_tile<T, A, BK>(pr, tab, b, k + kvbase, v + kvbase, kb, nk, D, KT.data(), nullptr, VT.data(),
                                  nullptr);
@@ -825,15 +831,17 @@ void backward_lanes_kernel(const Problem& pr, const T* gout, const T* q, const T
                 V p = vexp2(sc - L[ro0 + r]);
                 if (lim[r] < BK) p = Vec<A>::iota() + j * W < lim[r] ? p : V{};
                 vstore(dsrow, p * (dp - Dv[ro0 + r]));
+                if (!kv) continue;
 #pragma GCC unroll 16
                 for (int c = 0; c < D; ++c) dv[c] += p * orow[c];
               }
+              if (!kv) continue;
 #pragma GCC unroll 16
               for (int c = 0; c < D; ++c) vstore(dvt + c * BK + j * W, vload<V>(dvt + c * BK + j * W) + dv[c]);
             }
             // Sweep 2: dK^T += dS^T q, again per key vector in registers.
 #pragma GCC unroll 16
-            for (int j = 0; j < NV; ++j) {
+            for (int j = 0; j < (kv ? NV : 0); ++j) {
               V dk[D];
 #pragma GCC unroll 16
               for (int c = 0; c < D; ++c) dk[c] = V{};
@@ -863,7 +871,8 @@ void backward_lanes_kernel(const Problem& pr, const T* gout, const T* q, const T
             }
           }
         }
-        if (!shared.on) add_kv_grad_tile<A, BK>(pr, tab, b, hk, kb, nk, dKT.data(), dVT.data(), ln2, dk_part, dv_part);
+        if (!shared.on && kv)
+          add_kv_grad_tile<A, BK>(pr, tab, b, hk, kb, nk, dKT.data(), dVT.data(), ln2, dk_part, dv_part);
       }
       for (int64_t g = 0; g < pr.group; ++g) {
         const int64_t rowbase = (b * pr.Hq + hk * pr.group + g) * tq;
@@ -879,7 +888,7 @@ void backward_lanes_kernel(const Problem& pr, const T* gout, const T* q, const T
         }
       }
     }
-    if (shared.on)
+    if (shared.on && kv)
       for (int64_t hk = 0; hk < pr.Hk; ++hk)
         for (int64_t kblk = 0; kblk < nkb; ++kblk) {
           const int64_t kb = kblk * BK;

@@ -485,7 +485,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_bwd_cuda(
     const at::Tensor& gout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, int64_t q_offset, const c10::optional<at::Tensor>& q_offsets,
     int64_t k_offset, const c10::optional<at::Tensor>& k_offsets, bool causal, bool rope_q, bool rope_k, double scale,
-    double base) {
+    double base, bool kv_grad) {
   VQEXT_DEVICE_GUARD(q_in.device());
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   c10::optional<at::Tensor> qo, ko;
@@ -493,6 +493,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_bwd_cuda(
   if (k_offsets.has_value()) ko = k_offsets->contiguous();
   const Params p = make_params(q, k, v, q_offset, qo, k_offset, ko, causal, rope_q, rope_k, scale, base);
   TORCH_CHECK(gout_in.sizes() == q.sizes() && out_in.sizes() == q.sizes(), "grad_out and out must have q's shape");
+  const at::Tensor no_grad = at::empty({0}, k.options());
   const auto stats_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor gout = gout_in.to(q.scalar_type()).contiguous();
   const at::Tensor lse = lse_in.to(stats_type).contiguous();
@@ -501,7 +502,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_bwd_cuda(
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk_acc = at::zeros(k.sizes(), k.options().dtype(stats_type));
   at::Tensor dv = at::empty(v.sizes(), v.options());
-  if (q.numel() == 0 || k.numel() == 0) return {dq.zero_(), dk_acc.to(k.scalar_type()), dv.zero_()};
+  if (q.numel() == 0 || k.numel() == 0)
+    return kv_grad ? std::make_tuple(dq.zero_(), dk_acc.to(k.scalar_type()), dv.zero_())
+                   : std::make_tuple(dq.zero_(), no_grad, no_grad);
   cudaStream_t stream = VQEXT_STREAM();
   const dim3 grid_q(static_cast<unsigned>((p.Tq + kThreads - 1) / kThreads), static_cast<unsigned>(p.Hq),
                     static_cast<unsigned>(p.B));
@@ -515,12 +518,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_bwd_cuda(
           p, gout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
           lse.data_ptr<A>(), Drow.data_ptr<A>(), dq.data_ptr<scalar_t>());
       VQEXT_LAUNCH_CHECK();
+      if (!kv_grad) return;
       dkv_kernel<scalar_t, A, DMAX><<<grid_k, kThreads, 0, stream>>>(
           p, gout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
           lse.data_ptr<A>(), Drow.data_ptr<A>(), dk_acc.data_ptr<A>(), dv.data_ptr<scalar_t>());
       VQEXT_LAUNCH_CHECK();
     });
   });
+  if (!kv_grad) return {dq, no_grad, no_grad};
   return {dq, dk_acc.to(k.scalar_type()), dv};
 }
 
