@@ -271,3 +271,14 @@ def test_avx2_and_avx512_paths_agree(tmp_path):
     for case_wide, case_avx2 in zip(*results):
         for a, b in zip(case_wide, case_avx2):
             torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
+
+@native
+@pytest.mark.parametrize("Tk", [512, 640, 768, 1024, 1100])  # 512-, 128-, 256-, 512-key tiles, then padding
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_wide_codebook_tiles_agree_with_the_reference(Tk, dtype):
+    """Head size 64 over >= 512 unmasked keys takes 128/256/512-key tiles (run_forward)."""
+    q, k, v = _inputs(3, 2, 21, 1, 2, Tk, 64, dtype=dtype)
+    out = rope_attention(q, k, v, rope_q=True, scale=0.2)
+    ref = rope_attention_reference(q, k, v, rope_q=True, scale=0.2)
+    torch.testing.assert_close(out, ref, **_tol(dtype))
