@@ -39,22 +39,17 @@ inline void vstore(void* p, V v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
-// max(lo, x) and min(hi, x) that return x when either is NaN: vmaxps/vminps with x second. (The
-// same select written with vector comparisons compiles to a compare and a blend.)
-inline Vec<float>::type vmax_keep_nan(Vec<float>::type lo, Vec<float>::type x) {
+// x clamped to [-bound, bound] with NaN kept: vmaxps/vminps return their second operand when
+// either is NaN, so x goes second. (The same select written with vector comparisons compiles to a
+// compare and a blend.)
+inline Vec<float>::type vclamp_keep_nan(Vec<float>::type x, float bound) {
   using V = Vec<float>::type;
 #if VQEXT_VEC_BYTES == 64
-  return reinterpret_cast<V>(_mm512_max_ps(reinterpret_cast<__m512>(lo), reinterpret_cast<__m512>(x)));
+  const __m512 lo = _mm512_set1_ps(-bound), hi = _mm512_set1_ps(bound);
+  return reinterpret_cast<V>(_mm512_min_ps(hi, _mm512_max_ps(lo, reinterpret_cast<__m512>(x))));
 #else
-  return reinterpret_cast<V>(_mm256_max_ps(reinterpret_cast<__m256>(lo), reinterpret_cast<__m256>(x)));
-#endif
-}
-inline Vec<float>::type vmin_keep_nan(Vec<float>::type hi, Vec<float>::type x) {
-  using V = Vec<float>::type;
-#if VQEXT_VEC_BYTES == 64
-  return reinterpret_cast<V>(_mm512_min_ps(reinterpret_cast<__m512>(hi), reinterpret_cast<__m512>(x)));
-#else
-  return reinterpret_cast<V>(_mm256_min_ps(reinterpret_cast<__m256>(hi), reinterpret_cast<__m256>(x)));
+  const __m256 lo = _mm256_set1_ps(-bound), hi = _mm256_set1_ps(bound);
+  return reinterpret_cast<V>(_mm256_min_ps(hi, _mm256_max_ps(lo, reinterpret_cast<__m256>(x))));
 #endif
 }
 
@@ -73,8 +68,7 @@ inline Vec<float>::type vexp2(Vec<float>::type x) {
   const V n = reinterpret_cast<V>(_mm512_roundscale_ps(xm, _MM_FROUND_TO_NEAREST_INT));
   const V f = reinterpret_cast<V>(_mm512_reduce_ps(xm, _MM_FROUND_TO_NEAREST_INT));
 #else
-  x = vmax_keep_nan(V{} - 127.0f, x);
-  x = vmin_keep_nan(V{} + 127.0f, x);
+  x = vclamp_keep_nan(x, 127.0f);
   const V n = (x + 12582912.0f) - 12582912.0f;  // round to nearest
   const V f = x - n;
 #endif
@@ -453,6 +447,28 @@ void add_kv_grad_tile(const Problem& pr, const RopeTable<A>& tab, int64_t b, int
   }
 }
 
+// A backward thread's key/value gradient targets: its slice of the per-thread partial sums (k
+// shared by the batch) and, with shared tiles, tile-layout accumulators kept over all its tasks.
+// Nothing when k and v need no gradient (pr.kv_grad false: a frozen codebook).
+template <typename A>
+struct KvGradParts {
+  bool on;
+  std::vector<A> dK_tiles, dV_tiles;
+  A* dk_part = nullptr;
+  A* dv_part = nullptr;
+  KvGradParts(const Problem& pr, bool shared_tiles, int64_t tiles_size, A* dk_out, A* dv_out, int64_t partial_stride,
+              int64_t nthreads)
+      : on(pr.kv_grad),
+        dK_tiles(on && shared_tiles ? tiles_size : 0, A(0)),
+        dV_tiles(on && shared_tiles ? tiles_size : 0, A(0)) {
+    if (!on) return;
+    const int64_t tid = pr.Bk == 1 ? at::get_thread_num() : 0;
+    TORCH_CHECK(tid < nthreads, "rope_attention backward: unexpected thread index");
+    dk_part = dk_out + tid * partial_stride;
+    dv_part = dv_out + tid * partial_stride;
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Backward, one pass (flash-attention-2 style). A task is one (query batch b, kv head hk): it
 // owns dq for the grouped query heads of (b, hk), and dk, dv of (b, hk) when k is not shared.
@@ -485,13 +501,8 @@ void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, c
     // With shared tiles (k shared and not rotated), this thread's dk^T, dv^T stay in tile layout
     // across all its tasks: the gemms accumulate into them directly and the transpose back to
     // k's layout happens once per thread instead of once per task and key block.
-    const bool kv = pr.kv_grad;
-    const int64_t acc_size = shared.on && kv ? pr.Hk * nkb * dp * BK : 0;
-    std::vector<A> dK_tiles(acc_size, A(0)), dV_tiles(acc_size, A(0));
-    const int64_t tid = pr.Bk == 1 ? at::get_thread_num() : 0;
-    TORCH_CHECK(!kv || tid < nthreads, "rope_attention backward: unexpected thread index");
-    A* dk_part = kv ? dk_out + tid * partial_stride : nullptr;
-    A* dv_part = kv ? dv_out + tid * partial_stride : nullptr;
+    KvGradParts<A> acc(pr, shared.on, pr.Hk * nkb * dp * BK, dk_out, dv_out, partial_stride, nthreads);
+    const bool kv = acc.on;
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t hk = task % pr.Hk, b = task / pr.Hk;
       const int64_t bk = pr.Bk == 1 ? 0 : b;
@@ -536,8 +547,8 @@ void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, c
         A* dKTb = dKT.data();
         A* dVTb = dVT.data();
         if (kv && shared.on) {
-          dKTb = dK_tiles.data() + (hk * nkb + kblk) * dp * BK;
-          dVTb = dV_tiles.data() + (hk * nkb + kblk) * dp * BK;
+          dKTb = acc.dK_tiles.data() + (hk * nkb + kblk) * dp * BK;
+          dVTb = acc.dV_tiles.data() + (hk * nkb + kblk) * dp * BK;
         } else if (kv) {
           std::fill(dKT.begin(), dKT.end(), A(0));
           std::fill(dVT.begin(), dVT.end(), A(0));
@@ -573,7 +584,7 @@ void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, c
           }
         }
         if (shared.on || !kv) continue;  // shared: accumulated in this thread's tiles, written out at the end
-        add_kv_grad_tile<A, BK>(pr, tab, b, hk, kb, nk, dKT.data(), dVT.data(), ln2, dk_part, dv_part);
+        add_kv_grad_tile<A, BK>(pr, tab, b, hk, kb, nk, dKT.data(), dVT.data(), ln2, acc.dk_part, acc.dv_part);
       }
       for (int64_t g = 0; g < pr.group; ++g) {
         const int64_t rowbase = (b * pr.Hq + hk * pr.group + g) * pr.Tq;
@@ -592,8 +603,8 @@ void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, c
         for (int64_t kblk = 0; kblk < nkb; ++kblk) {
           const int64_t kb = kblk * BK;
           const int nk = static_cast<int>(std::min<int64_t>(BK, pr.Tk - kb));
-          add_kv_grad_tile<A, BK>(pr, tab, 0, hk, kb, nk, dK_tiles.data() + (hk * nkb + kblk) * dp * BK,
-                                  dV_tiles.data() + (hk * nkb + kblk) * dp * BK, ln2, dk_part, dv_part);
+          add_kv_grad_tile<A, BK>(pr, tab, 0, hk, kb, nk, acc.dK_tiles.data() + (hk * nkb + kblk) * dp * BK,
+                                  acc.dV_tiles.data() + (hk * nkb + kblk) * dp * BK, ln2, acc.dk_part, acc.dv_part);
         }
   });
 }
@@ -752,13 +763,8 @@ void backward_lanes_kernel(const Problem& pr, const T* gout, const T* q, const T
     std::vector<A> KT(kv_tile), VT(kv_tile), dKT(kv_tile), dVT(kv_tile), DS(kLanesRowChunk * BK);
     std::vector<int> lim(kLanesRowChunk);
     // shared k: this thread's dk^T, dv^T stay in tile layout over all its tasks (as backward_kernel)
-    const bool kv = pr.kv_grad;
-    const int64_t acc_size = shared.on && kv ? pr.Hk * nkb * D * BK : 0;
-    std::vector<A> dK_tiles(acc_size, A(0)), dV_tiles(acc_size, A(0));
-    const int64_t tid = pr.Bk == 1 ? at::get_thread_num() : 0;
-    TORCH_CHECK(!kv || tid < nthreads, "rope_attention backward: unexpected thread index");
-    A* dk_part = kv ? dk_out + tid * partial_stride : nullptr;
-    A* dv_part = kv ? dv_out + tid * partial_stride : nullptr;
+    KvGradParts<A> acc(pr, shared.on, pr.Hk * nkb * D * BK, dk_out, dv_out, partial_stride, nthreads);
+    const bool kv = acc.on;
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t hk = task % pr.Hk, b = task / pr.Hk;
       const int64_t bk = pr.Bk == 1 ? 0 : b;
@@ -790,8 +796,8 @@ void backward_lanes_kernel(const Problem& pr, const T* gout, const T* q, const T
           kt = shared.at(shared.kt, hk, kblk);
           vt = shared.at(shared.vt, hk, kblk);
           if (kv) {
-            dkt = dK_tiles.data() + (hk * nkb + kblk) * D * BK;
-            dvt = dV_tiles.data() + (hk * nkb + kblk) * D * BK;
+            dkt = acc.dK_tiles.data() + (hk * nkb + kblk) * D * BK;
+            dvt = acc.dV_tiles.data() + (hk * nkb + kblk) * D * BK;
           }
         } else {
           load_kv_tile<T, A, BK>(pr, tab, b, k + kvbase, v + kvbase, kb, nk, D, KT.data(), nullptr, VT.data(),
@@ -872,7 +878,7 @@ void backward_lanes_kernel(const Problem& pr, const T* gout, const T* q, const T
           }
         }
         if (!shared.on && kv)
-          add_kv_grad_tile<A, BK>(pr, tab, b, hk, kb, nk, dKT.data(), dVT.data(), ln2, dk_part, dv_part);
+          add_kv_grad_tile<A, BK>(pr, tab, b, hk, kb, nk, dKT.data(), dVT.data(), ln2, acc.dk_part, acc.dv_part);
       }
       for (int64_t g = 0; g < pr.group; ++g) {
         const int64_t rowbase = (b * pr.Hq + hk * pr.group + g) * tq;
@@ -893,8 +899,8 @@ void backward_lanes_kernel(const Problem& pr, const T* gout, const T* q, const T
         for (int64_t kblk = 0; kblk < nkb; ++kblk) {
           const int64_t kb = kblk * BK;
           const int nk = static_cast<int>(std::min<int64_t>(BK, pr.Tk - kb));
-          add_kv_grad_tile<A, BK>(pr, tab, 0, hk, kb, nk, dK_tiles.data() + (hk * nkb + kblk) * D * BK,
-                                  dV_tiles.data() + (hk * nkb + kblk) * D * BK, ln2, dk_part, dv_part);
+          add_kv_grad_tile<A, BK>(pr, tab, 0, hk, kb, nk, acc.dK_tiles.data() + (hk * nkb + kblk) * D * BK,
+                                  acc.dV_tiles.data() + (hk * nkb + kblk) * D * BK, ln2, acc.dk_part, acc.dv_part);
         }
   });
 }
