@@ -469,6 +469,37 @@ struct KvGradParts {
   }
 };
 
+// Stages a backward task's rows (query batch b, kv head hk), for each of its grouped query heads
+// g at rows g * rows_per_group + i: the query rotated and scaled by qscale (scale * log2 e, the
+// base-2 softmax), the output gradient, the row's lse in base 2 and D = rowsum(dO * O). Rows from
+// Tq up to rows_per_group (a kernel's padding) are zero; each row is width wide, zero-padded.
+template <typename T, typename A>
+void stage_task_rows(const Problem& pr, const RopeTable<A>& tab, int64_t b, int64_t hk, const T* q, const T* gout,
+                     const A* lse, const A* Drow, int64_t rows_per_group, int64_t width, A qscale, A* Qs, A* dO,
+                     A* L, A* Dv) {
+  const int64_t d = pr.d;
+  const A log2e = static_cast<A>(1.4426950408889634);
+  for (int64_t g = 0; g < pr.group; ++g) {
+    const int64_t rowbase = (b * pr.Hq + hk * pr.group + g) * pr.Tq;
+    for (int64_t i = 0; i < rows_per_group; ++i) {
+      const int64_t ro = g * rows_per_group + i;
+      A* qrow = Qs + ro * width;
+      A* orow = dO + ro * width;
+      if (i < pr.Tq) {
+        const int64_t row = pr.rope_q ? tab.q_row[b] + i : 0;
+        rotate_row<T, A>(q + (rowbase + i) * d, qrow, d, width, qscale, pr.rope_q ? tab.cos_row(row) : nullptr,
+                         pr.rope_q ? tab.sin_row(row) : nullptr, A(1));
+        rotate_row<T, A>(gout + (rowbase + i) * d, orow, d, width, A(1), nullptr, nullptr, A(1));
+        L[ro] = lse[rowbase + i] * log2e;
+        Dv[ro] = Drow[rowbase + i];
+      } else {
+        std::fill(qrow, qrow + width, A(0));
+        std::fill(orow, orow + width, A(0));
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Backward, one pass (flash-attention-2 style). A task is one (query batch b, kv head hk): it
 // owns dq for the grouped query heads of (b, hk), and dk, dv of (b, hk) when k is not shared.
@@ -507,24 +538,8 @@ void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, c
       const int64_t hk = task % pr.Hk, b = task / pr.Hk;
       const int64_t bk = pr.Bk == 1 ? 0 : b;
       const int64_t qs = pr.qpos[b], ks = pr.kpos[b];
-      for (int64_t g = 0; g < pr.group; ++g) {
-        const int64_t rowbase = (b * pr.Hq + hk * pr.group + g) * pr.Tq;
-        for (int64_t i = 0; i < tq4; ++i) {
-          A* qrow = Qs.data() + (g * tq4 + i) * dp;
-          A* orow = dO.data() + (g * tq4 + i) * dp;
-          if (i < pr.Tq) {
-            const int64_t row = pr.rope_q ? tab.q_row[b] + i : 0;
-            rotate_row<T, A>(q + (rowbase + i) * d, qrow, d, dp, scale * log2e, pr.rope_q ? tab.cos_row(row) : nullptr,
-                             pr.rope_q ? tab.sin_row(row) : nullptr, A(1));
-            rotate_row<T, A>(gout + (rowbase + i) * d, orow, d, dp, A(1), nullptr, nullptr, A(1));
-            L[g * tq4 + i] = lse[rowbase + i] * log2e;
-            Dv[g * tq4 + i] = Drow[rowbase + i];
-          } else {
-            std::fill(qrow, qrow + dp, A(0));
-            std::fill(orow, orow + dp, A(0));
-          }
-        }
-      }
+      stage_task_rows<T, A>(pr, tab, b, hk, q, gout, lse, Drow, tq4, dp, scale * log2e, Qs.data(), dO.data(),
+                            L.data(), Dv.data());
       std::fill(dQ.begin(), dQ.end(), A(0));
       const int64_t kvbase = (bk * pr.Hk + hk) * pr.Tk * d;
       for (int64_t kblk = 0; kblk < nkb; ++kblk) {
@@ -769,18 +784,8 @@ void backward_lanes_kernel(const Problem& pr, const T* gout, const T* q, const T
       const int64_t hk = task % pr.Hk, b = task / pr.Hk;
       const int64_t bk = pr.Bk == 1 ? 0 : b;
       const int64_t qs = pr.qpos[b], ks = pr.kpos[b];
-      for (int64_t g = 0; g < pr.group; ++g) {
-        const int64_t rowbase = (b * pr.Hq + hk * pr.group + g) * tq;
-        for (int64_t i = 0; i < tq; ++i) {
-          const int64_t ro = g * tq + i;
-          const int64_t row = pr.rope_q ? tab.q_row[b] + i : 0;
-          rotate_row<T, A>(q + (rowbase + i) * d, Qs.data() + ro * D, d, D, qscale,
-                           pr.rope_q ? tab.cos_row(row) : nullptr, pr.rope_q ? tab.sin_row(row) : nullptr, A(1));
-          rotate_row<T, A>(gout + (rowbase + i) * d, dO.data() + ro * D, d, D, A(1), nullptr, nullptr, A(1));
-          L[ro] = lse[rowbase + i] * log2e;
-          Dv[ro] = Drow[rowbase + i];
-        }
-      }
+      stage_task_rows<T, A>(pr, tab, b, hk, q, gout, lse, Drow, tq, D, qscale, Qs.data(), dO.data(), L.data(),
+                            Dv.data());
       std::fill(dQacc.begin(), dQacc.end(), A(0));
       const int64_t kvbase = (bk * pr.Hk + hk) * pr.Tk * d;
       for (int64_t kblk = 0; kblk < nkb; ++kblk) {

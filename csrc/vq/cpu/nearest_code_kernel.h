@@ -41,26 +41,21 @@ inline void micro_tile(const float* const* xr, const float* packed, const float*
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
       for (int j = 0; j < NR; ++j) acc[r][j] = S::load(bias + (p + j) * W);
+    const auto accumulate_dim = [&](int64_t d) __attribute__((always_inline)) {
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) {
+        const typename S::V cv = S::load(c + (j * D + d) * W);
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; ++r) acc[r][j] = S::fma(S::bcast(xr[r][d]), cv, acc[r][j]);
+      }
+    };
+    // A compile-time D unrolls further than a run-time one (whose remainder loop would grow).
     if (DC > 0) {
 #pragma GCC unroll 8
-      for (int64_t d = 0; d < D; ++d) {
-#pragma GCC unroll 4
-        for (int j = 0; j < NR; ++j) {
-          const typename S::V cv = S::load(c + (j * D + d) * W);
-#pragma GCC unroll 8
-          for (int r = 0; r < MR; ++r) acc[r][j] = S::fma(S::bcast(xr[r][d]), cv, acc[r][j]);
-        }
-      }
+      for (int64_t d = 0; d < D; ++d) accumulate_dim(d);
     } else {
 #pragma GCC unroll 4
-      for (int64_t d = 0; d < D; ++d) {
-#pragma GCC unroll 4
-        for (int j = 0; j < NR; ++j) {
-          const typename S::V cv = S::load(c + (j * D + d) * W);
-#pragma GCC unroll 8
-          for (int r = 0; r < MR; ++r) acc[r][j] = S::fma(S::bcast(xr[r][d]), cv, acc[r][j]);
-        }
-      }
+      for (int64_t d = 0; d < D; ++d) accumulate_dim(d);
     }
 #pragma GCC unroll 4
     for (int j = 0; j < NR; ++j) {
