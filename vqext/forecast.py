@@ -62,26 +62,6 @@ def _translation_invariant(model, time_steps: int) -> bool:
     return bool(torch.allclose(a, b, rtol=1e-5, atol=1e-5 * float(a.abs().max().clamp(min=1e-6))))
 
 
-def cache_plan(model, arch: str, pe: str, time_steps: int, positions: str = "window",
-               depth: int = 1) -> tuple[bool, bool, str]:
-    """(use the cache, equals recomputation, note) for this model and position convention."""
-    from .registry import get_arch
-
-    if not getattr(get_arch(arch), "supports_cache", False):
-        return False, False, f"architecture {arch!r} has no KV cache; recomputing each window"
-    if pe_is_absolute(pe):
-        return False, False, (f"positional encoding {pe!r} is absolute: cached steps would sit at positions the "
-                              f"model never saw in training; recomputing each window")
-    if positions == "window" and pe != "none" and not _translation_invariant(model, time_steps):
-        return False, False, (f"{arch} with {pe!r} depends on absolute positions, so cached steps (position t) would "
-                              f"differ from windows recomputed at positions 0..T-1; recomputing each window "
-                              f"(train with --positions series to decode it with the cache)")
-    if depth > 1:
-        return True, False, (f"depth {depth}: cached decoding differs slightly from recomputation once the window "
-                             f"slides (upper-layer keys saw an older context)")
-    return True, True, ""
-
-
 def cache_usable(arch: str, pe: str) -> tuple[bool, str]:
     """Static part of :func:`cache_plan`: whether the architecture and encoding allow a cache at all."""
     from .registry import get_arch
@@ -92,6 +72,22 @@ def cache_usable(arch: str, pe: str) -> tuple[bool, str]:
         return False, (f"positional encoding {pe!r} is absolute: cached steps would sit at positions the model "
                        f"never saw in training; recomputing each window")
     return True, ""
+
+
+def cache_plan(model, arch: str, pe: str, time_steps: int, positions: str = "window",
+               depth: int = 1) -> tuple[bool, bool, str]:
+    """(use the cache, equals recomputation, note) for this model and position convention."""
+    usable, why = cache_usable(arch, pe)
+    if not usable:
+        return False, False, why
+    if positions == "window" and pe != "none" and not _translation_invariant(model, time_steps):
+        return False, False, (f"{arch} with {pe!r} depends on absolute positions, so cached steps (position t) would "
+                              f"differ from windows recomputed at positions 0..T-1; recomputing each window "
+                              f"(train with --positions series to decode it with the cache)")
+    if depth > 1:
+        return True, False, (f"depth {depth}: cached decoding differs slightly from recomputation once the window "
+                             f"slides (upper-layer keys saw an older context)")
+    return True, True, ""
 
 
 def _start(positions: str, first_index):
