@@ -220,16 +220,17 @@ def test_rope_attention_fuzz(data, dtype, B, Hk, group, Tq, Tk, half_d, shared_k
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("d", [2, 8, 16, 64])
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
-def test_rope_attention_nan_query_gives_a_nan_row(dtype, d, bad):
+@pytest.mark.parametrize("Tk", [300, 512])  # 512 keys at head size 64: one wide tile, max fused into the GEMM
+def test_rope_attention_nan_query_gives_a_nan_row(dtype, d, bad, Tk):
     # A query holding NaN or inf gives NaN scores (inf * 0, or inf - inf in the softmax): its
     # row is NaN, as in the reference, and the other rows stay exact.
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 2, 5, d, generator=g, dtype=dtype)
-    k = torch.randn(1, 2, 300, d, generator=g, dtype=dtype)
-    v = torch.randn(1, 2, 300, d, generator=g, dtype=dtype)
+    k = torch.randn(1, 2, Tk, d, generator=g, dtype=dtype)
+    v = torch.randn(1, 2, Tk, d, generator=g, dtype=dtype)
     q[1, 0, 3, 0] = bad
     if bad == math.inf:
-        k[0, 0, :, 0] = torch.where(torch.arange(300) % 2 == 0, 1.0, 0.0).to(dtype)  # inf * 0 = NaN
+        k[0, 0, :, 0] = torch.where(torch.arange(Tk) % 2 == 0, 1.0, 0.0).to(dtype)  # inf * 0 = NaN
     ref = rope_attention_reference(q, k, v)
     out = rope_attention(q, k, v)
     assert torch.isnan(ref[1, 0, 3]).all()

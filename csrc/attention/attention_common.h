@@ -35,6 +35,9 @@ struct AttentionShape {
   int64_t B, Hq, Tq, d, Bk, Hk, Tk, group;
 };
 
+// The largest head size (even sizes from 2); the CPU kernels size staging buffers by it.
+constexpr int64_t kMaxHeadSize = 128;
+
 inline AttentionShape check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.dim() == 4, "q must have 4 dims (B, Hq, Tq, d), got ", q.dim());
   TORCH_CHECK(k.dim() == 4, "k must have 4 dims (Bk, Hk, Tk, d), got ", k.dim());
@@ -43,7 +46,8 @@ inline AttentionShape check_attention(const at::Tensor& q, const at::Tensor& k, 
               "q, k and v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
   TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), "q, k and v must be on one device");
   AttentionShape s{q.size(0), q.size(1), q.size(2), q.size(3), k.size(0), k.size(1), k.size(2), 1};
-  TORCH_CHECK(s.d % 2 == 0 && s.d >= 2 && s.d <= 128, "head size d must be even and in [2, 128], got ", s.d);
+  TORCH_CHECK(s.d % 2 == 0 && s.d >= 2 && s.d <= kMaxHeadSize, "head size d must be even and in [2, ", kMaxHeadSize,
+              "], got ", s.d);
   TORCH_CHECK(k.size(3) == s.d, "k head size ", k.size(3), " differs from q head size ", s.d);
   TORCH_CHECK(s.Bk == s.B || s.Bk == 1, "k batch ", s.Bk, " must equal q batch ", s.B, " or be 1");
   TORCH_CHECK(s.Hk > 0 && s.Hq % s.Hk == 0, "q heads ", s.Hq, " must be a multiple of k heads ", s.Hk);

@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -117,21 +118,9 @@ inline void rotate_row(const T* x, A* dst, int64_t d, int64_t dp, A scale, const
   for (int64_t c = d; c < dp; ++c) dst[c] = A(0);
 }
 
-// Same, written as column `col` of a transposed tile (dst[c * ld + col]).
-template <typename T, typename A>
-inline void rotate_row_to_column(const T* x, A* dst, int64_t ld, int64_t col, int64_t d, int64_t dp, const A* cs,
-                                 const A* sn) {
-  if (cs) {
-    for (int64_t i = 0; i < d / 2; ++i) {
-      const A x0 = static_cast<A>(x[2 * i]), x1 = static_cast<A>(x[2 * i + 1]);
-      dst[(2 * i) * ld + col] = x0 * cs[i] - x1 * sn[i];
-      dst[(2 * i + 1) * ld + col] = x0 * sn[i] + x1 * cs[i];
-    }
-  } else {
-    for (int64_t c = 0; c < d; ++c) dst[c * ld + col] = static_cast<A>(x[c]);
-  }
-  for (int64_t c = d; c < dp; ++c) dst[c * ld + col] = A(0);
-}
+// Head sizes are at most kMaxHeadSize (checked by the op); padded to a vector width they stay
+// within this bound, which sizes per-thread staging buffers.
+constexpr int64_t kMaxPaddedHead = kMaxHeadSize;
 
 struct Problem {
   int64_t B, Hq, Tq, Bk, Hk, Tk, d, group;

@@ -95,56 +95,6 @@ inline Vec<double>::type vexp2(Vec<double>::type x) {
 }
 
 
-// C[M][N] (+)= A[M][K] * B[K][N]. A(m, k) = a[m * a_rs + k * a_ks]; B and C are row-major.
-// M % MR == 0 and N % (NV * W) == 0; KC > 0 fixes K at compile time.
-template <typename A, int MR, int NV, int KC>
-inline void gemm(int M, int N, int Kdyn, const A* a, int64_t a_rs, int64_t a_ks, const A* b, int64_t ldb, A* c,
-                 int64_t ldc, bool accumulate) {
-  using V = typename Vec<A>::type;
-  constexpr int W = Vec<A>::W;
-  const int K = KC > 0 ? KC : Kdyn;
-  for (int m0 = 0; m0 < M; m0 += MR) {
-    for (int n0 = 0; n0 < N; n0 += NV * W) {
-      V acc[MR][NV];
-      for (int m = 0; m < MR; ++m)
-        for (int n = 0; n < NV; ++n)
-          acc[m][n] = accumulate ? vload<V>(c + (m0 + m) * ldc + n0 + n * W) : V{};
-      const A* ap = a + m0 * a_rs;
-      const A* bp = b + n0;
-      for (int k = 0; k < K; ++k) {
-        V bv[NV];
-        for (int n = 0; n < NV; ++n) bv[n] = vload<V>(bp + k * ldb + n * W);
-        for (int m = 0; m < MR; ++m) {
-          const A av = ap[m * a_rs + k * a_ks];
-          for (int n = 0; n < NV; ++n) acc[m][n] += av * bv[n];
-        }
-      }
-      for (int m = 0; m < MR; ++m)
-        for (int n = 0; n < NV; ++n) vstore(c + (m0 + m) * ldc + n0 + n * W, acc[m][n]);
-    }
-  }
-}
-
-// Picks the register blocking from N (a multiple of W).
-template <typename A, int KC>
-inline void gemm_auto(int M, int N, int K, const A* a, int64_t a_rs, int64_t a_ks, const A* b, int64_t ldb, A* c,
-                      int64_t ldc, bool accumulate) {
-  constexpr int W = Vec<A>::W;
-  if (kManyRegisters && N % (4 * W) == 0) {
-    gemm<A, 4, 4, KC>(M, N, K, a, a_rs, a_ks, b, ldb, c, ldc, accumulate);
-  } else if (N % (2 * W) == 0) {
-    gemm<A, 4, 2, KC>(M, N, K, a, a_rs, a_ks, b, ldb, c, ldc, accumulate);
-  } else {
-    // one vector per row: 8 rows keep 8 independent FMA chains in flight (FMA latency x ports)
-    const int M8 = M / 8 * 8;
-    if (M8) gemm<A, 8, 1, KC>(M8, N, K, a, a_rs, a_ks, b, ldb, c, ldc, accumulate);
-    if (M > M8) gemm<A, 4, 1, KC>(M - M8, N, K, a + M8 * a_rs, a_rs, a_ks, b, ldb, c + M8 * ldc, ldc, accumulate);
-  }
-}
-
-constexpr int kTileKeys = 64;
-constexpr int kTileQueries = 32;
-
 // Horizontal sum and max of a vector by halving (log2(W) vector steps instead of W scalar ones).
 template <typename S, int Bytes>
 struct Reduce {
@@ -183,6 +133,68 @@ struct Reduce<S, 16> {
     return t;
   }
 };
+
+// C[M][N] (+)= A[M][K] * B[K][N]. A(m, k) = a[m * a_rs + k * a_ks]; B and C are row-major.
+// M % MR == 0 and N % (NV * W) == 0; KC > 0 fixes K at compile time. With a non-null `row_max`
+// (C overwritten, not accumulated) it also gets each row's max over its N results, taken from
+// the accumulators before they are stored: the softmax then needs no pass of its own to find it
+// (NaN results are skipped, as in row_max()).
+template <typename A, int MR, int NV, int KC>
+inline void gemm(int M, int N, int Kdyn, const A* a, int64_t a_rs, int64_t a_ks, const A* b, int64_t ldb, A* c,
+                 int64_t ldc, bool accumulate, A* row_max = nullptr) {
+  using V = typename Vec<A>::type;
+  constexpr int W = Vec<A>::W;
+  const int K = KC > 0 ? KC : Kdyn;
+  for (int m0 = 0; m0 < M; m0 += MR) {
+    V mx[MR];
+    for (int m = 0; m < MR; ++m) mx[m] = V{} - std::numeric_limits<A>::infinity();
+    for (int n0 = 0; n0 < N; n0 += NV * W) {
+      V acc[MR][NV];
+      for (int m = 0; m < MR; ++m)
+        for (int n = 0; n < NV; ++n)
+          acc[m][n] = accumulate ? vload<V>(c + (m0 + m) * ldc + n0 + n * W) : V{};
+      const A* ap = a + m0 * a_rs;
+      const A* bp = b + n0;
+      for (int k = 0; k < K; ++k) {
+        V bv[NV];
+        for (int n = 0; n < NV; ++n) bv[n] = vload<V>(bp + k * ldb + n * W);
+        for (int m = 0; m < MR; ++m) {
+          const A av = ap[m * a_rs + k * a_ks];
+          for (int n = 0; n < NV; ++n) acc[m][n] += av * bv[n];
+        }
+      }
+      for (int m = 0; m < MR; ++m)
+        for (int n = 0; n < NV; ++n) {
+          vstore(c + (m0 + m) * ldc + n0 + n * W, acc[m][n]);
+          if (row_max) mx[m] = acc[m][n] > mx[m] ? acc[m][n] : mx[m];
+        }
+    }
+    if (row_max)
+      for (int m = 0; m < MR; ++m) row_max[m0 + m] = Reduce<A, kVecBytes>::max(mx[m]);
+  }
+}
+
+// Picks the register blocking from N (a multiple of W).
+template <typename A, int KC>
+inline void gemm_auto(int M, int N, int K, const A* a, int64_t a_rs, int64_t a_ks, const A* b, int64_t ldb, A* c,
+                      int64_t ldc, bool accumulate, A* row_max = nullptr) {
+  constexpr int W = Vec<A>::W;
+  if (kManyRegisters && N % (4 * W) == 0) {
+    gemm<A, 4, 4, KC>(M, N, K, a, a_rs, a_ks, b, ldb, c, ldc, accumulate, row_max);
+  } else if (N % (2 * W) == 0) {
+    gemm<A, 4, 2, KC>(M, N, K, a, a_rs, a_ks, b, ldb, c, ldc, accumulate, row_max);
+  } else {
+    // one vector per row: 8 rows keep 8 independent FMA chains in flight (FMA latency x ports)
+    const int M8 = M / 8 * 8;
+    if (M8) gemm<A, 8, 1, KC>(M8, N, K, a, a_rs, a_ks, b, ldb, c, ldc, accumulate, row_max);
+    if (M > M8)
+      gemm<A, 4, 1, KC>(M - M8, N, K, a + M8 * a_rs, a_rs, a_ks, b, ldb, c + M8 * ldc, ldc, accumulate,
+                        row_max ? row_max + M8 : nullptr);
+  }
+}
+
+constexpr int kTileKeys = 64;
+constexpr int kTileQueries = 32;
 
 // Turns a row of base-2 scores (log2(e) folded in) into masked powers 2^(s - ref) against `ref`
 // (the running max or the logsumexp, in the same base). Keys at or beyond `limit` get exactly
@@ -236,28 +248,36 @@ inline A row_max(const A* s, int limit) {
 // ---------------------------------------------------------------------------------------------
 // Key/value tiles. Keys [kb, kb + nk) of one (batch, kv head), zero-padded to BK keys and dp
 // columns: kt = (R k)^T (dp x BK), kr = R k (BK x dp), vt = v^T (dp x BK), vr = v (BK x dp).
-// Null outputs are skipped.
+// Null outputs are skipped. Rows are staged kGroup keys at a time and each transposed column is
+// written kGroup keys (one cache line) at once: written key by key, a column tile's stride of BK
+// floats puts all dp lines of a key in a few L1 sets, and every store missed L1.
+constexpr int kGroup = 16;
 template <typename T, typename A, int BK>
 void load_kv_tile(const Problem& pr, const RopeTable<A>& tab, int64_t b, const T* kbase, const T* vbase, int64_t kb,
                   int nk, int64_t dp, A* kt, A* kr, A* vt, A* vr) {
+  static_assert(BK % kGroup == 0, "key tiles hold whole groups");
   const int64_t d = pr.d;
-  for (int j = 0; j < BK; ++j) {
-    if (j < nk) {
-      const int64_t row = pr.rope_k ? tab.k_row[b] + kb + j : 0;
-      const A* cs = pr.rope_k ? tab.cos_row(row) : nullptr;
-      const A* sn = pr.rope_k ? tab.sin_row(row) : nullptr;
-      if (kt) rotate_row_to_column<T, A>(kbase + (kb + j) * d, kt, BK, j, d, dp, cs, sn);
-      if (kr) rotate_row<T, A>(kbase + (kb + j) * d, kr + j * dp, d, dp, A(1), cs, sn, A(1));
-      if (vt) rotate_row_to_column<T, A>(vbase + (kb + j) * d, vt, BK, j, d, dp, nullptr, nullptr);
-      if (vr) rotate_row<T, A>(vbase + (kb + j) * d, vr + j * dp, d, dp, A(1), nullptr, nullptr, A(1));
-    } else {
-      for (int64_t c = 0; c < dp; ++c) {
-        if (kt) kt[c * BK + j] = A(0);
-        if (vt) vt[c * BK + j] = A(0);
+  A rows[kGroup * kMaxPaddedHead];
+  auto stage = [&](const T* base, bool rotate, int j0, A* row_major, A* column_major) {
+    for (int jj = 0; jj < kGroup; ++jj) {
+      A* dst = rows + jj * dp;
+      const int j = j0 + jj;
+      if (j < nk) {
+        const int64_t row = rotate ? tab.k_row[b] + kb + j : 0;
+        rotate_row<T, A>(base + (kb + j) * d, dst, d, dp, A(1), rotate ? tab.cos_row(row) : nullptr,
+                         rotate ? tab.sin_row(row) : nullptr, A(1));
+      } else {
+        std::fill(dst, dst + dp, A(0));
       }
-      if (kr) std::fill(kr + j * dp, kr + (j + 1) * dp, A(0));
-      if (vr) std::fill(vr + j * dp, vr + (j + 1) * dp, A(0));
     }
+    if (row_major) std::copy(rows, rows + kGroup * dp, row_major + j0 * dp);
+    if (column_major)
+      for (int64_t c = 0; c < dp; ++c)
+        for (int jj = 0; jj < kGroup; ++jj) column_major[c * BK + j0 + jj] = rows[jj * dp + c];
+  };
+  for (int j0 = 0; j0 < BK; j0 += kGroup) {
+    if (kt || kr) stage(kbase, pr.rope_k, j0, kr, kt);
+    if (vt || vr) stage(vbase, false, j0, vr, vt);
   }
 }
 
@@ -268,9 +288,10 @@ template <typename A>
 struct SharedTiles {
   bool on = false;
   int64_t nkb = 0, tile = 0;  // key blocks per head, elements per tile
-  std::vector<A> kt, kr, vt, vr;
-  const A* at(const std::vector<A>& t, int64_t hk, int64_t kblk) const {
-    return t.empty() ? nullptr : t.data() + (hk * nkb + kblk) * tile;
+  // Left uninitialised: load_kv_tile writes every element, padding included.
+  std::unique_ptr<A[]> kt, kr, vt, vr;
+  const A* at(const std::unique_ptr<A[]>& t, int64_t hk, int64_t kblk) const {
+    return t ? t.get() + (hk * nkb + kblk) * tile : nullptr;
   }
 };
 
@@ -283,15 +304,15 @@ SharedTiles<A> make_shared_tiles(const Problem& pr, const RopeTable<A>& tab, con
   st.nkb = (pr.Tk + BK - 1) / BK;
   st.tile = dp * BK;
   const int64_t n = pr.Hk * st.nkb * st.tile;
-  if (want_kt) st.kt.resize(n);
-  if (want_kr) st.kr.resize(n);
-  if (want_vt) st.vt.resize(n);
-  if (want_vr) st.vr.resize(n);
+  if (want_kt) st.kt.reset(new A[n]);
+  if (want_kr) st.kr.reset(new A[n]);
+  if (want_vt) st.vt.reset(new A[n]);
+  if (want_vr) st.vr.reset(new A[n]);
   at::parallel_for(0, pr.Hk * st.nkb, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t hk = t / st.nkb, kblk = t % st.nkb, kb = kblk * BK;
       const int nk = static_cast<int>(std::min<int64_t>(BK, pr.Tk - kb));
-      auto slot = [&](std::vector<A>& x) { return x.empty() ? nullptr : x.data() + t * st.tile; };
+      auto slot = [&](std::unique_ptr<A[]>& x) { return x ? x.get() + t * st.tile : nullptr; };
       load_kv_tile<T, A, BK>(pr, tab, 0, k + hk * pr.Tk * pr.d, v + hk * pr.Tk * pr.d, kb, nk, dp, slot(st.kt),
                              slot(st.kr), slot(st.vt), slot(st.vr));
     }
@@ -306,7 +327,9 @@ constexpr int kChunkQueries = 128;
 
 template <typename T, typename A, int DP, int BK>
 void forward_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* out, A* lse, const RopeTable<A>& tab) {
-  constexpr int QC = kChunkQueries, BQ = kTileQueries;
+  // Query sub-tiles of BQ rows keep their BQ x BK score tile within 16 KiB (half of L1) for the
+  // softmax passes and the second GEMM: 32 rows for the standard 64-key tile, 8 for 512 keys.
+  constexpr int QC = kChunkQueries, BQ = std::min(kTileQueries, 4096 / BK);
   const int64_t d = pr.d, dp = DP > 0 ? DP : round_up(d, Vec<A>::W);
   const int64_t nqc = (pr.Tq + QC - 1) / QC;
   const A qscale = static_cast<A>(pr.scale * 1.4426950408889634);  // scale * log2(e): base-2 softmax
@@ -321,7 +344,7 @@ void forward_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* ou
     const bool keep = !shared.on && (nqc > 1 || pr.group > 1);
     const int64_t nkb = (pr.Tk + BK - 1) / BK;
     const int64_t kv_tile = shared.on ? 0 : keep ? nkb * dp * BK : dp * BK;
-    std::vector<A> Qs(QC * dp), KT(kv_tile), Vt(kv_tile), S(BQ * BK), O(QC * dp), m(QC);
+    std::vector<A> Qs(QC * dp), KT(kv_tile), Vt(kv_tile), S(BQ * BK), O(QC * dp), m(QC), tile_max(BQ);
     std::vector<A> l(QC * Vec<A>::W);  // row sums in lane form
     std::vector<char> ready(keep ? nkb : 0);
     int64_t kept_b = -1, kept_hk = -1;
@@ -380,7 +403,7 @@ void forward_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* ou
           if (pr.causal && qp0 + s0 + nq - 1 < kp0 + kb) continue;  // no row of this sub-tile sees the block
           const int mq = static_cast<int>(round_up(nq, 4));
           gemm_auto<A, DP>(mq, BK, static_cast<int>(dp), Qs.data() + s0 * dp, dp, 1, KTb, BK, S.data(), BK,
-                           false);
+                           false, tile_max.data());
           for (int r = 0; r < mq; ++r) {
             A* srow = S.data() + r * BK;
             const int lim = r < nq ? visible_keys(pr, qp0 + s0 + r, kp0 + kb, nk) : 0;
@@ -389,7 +412,7 @@ void forward_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* ou
               continue;
             }
             const int rr = s0 + r;
-            const A mnew = std::max(m[rr], row_max<A, BK>(srow, lim));
+            const A mnew = std::max(m[rr], lim >= BK ? tile_max[r] : row_max<A, BK>(srow, lim));
             const A corr = m[rr] == ninf ? A(0) : mnew == m[rr] ? A(1) : std::exp2(m[rr] - mnew);
             using V = typename Vec<A>::type;
             A* lrr = l.data() + rr * Vec<A>::W;
