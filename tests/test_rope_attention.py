@@ -282,3 +282,37 @@ def test_wide_codebook_tiles_agree_with_the_reference(Tk, dtype):
     out = rope_attention(q, k, v, rope_q=True, scale=0.2)
     ref = rope_attention_reference(q, k, v, rope_q=True, scale=0.2)
     torch.testing.assert_close(out, ref, **_tol(dtype))
+
+
+@native
+# unit queries: the bound is 1.44 * big (base 2) over scores of at most 1.44 * 4: kept at 0 and
+# 30 (2^-40 or so), redone at 72 (2^-100) and 1e4 (every power 0)
+@pytest.mark.parametrize("big", [0.0, 30.0, 72.0, 1e4])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_small_head_bound_reference_is_exact_or_falls_back(big, shared, causal, dtype):
+    """Head sizes <= 16 over >= 256 keys take each row's softmax reference from |q| max|k| (no
+    running max). One key of norm `big` orthogonal to every query makes that bound loose: 40
+    below it the bound is kept and still exact; 100 below (and beyond) every power would
+    underflow, so the row is redone with the running max. Outputs and gradients match the
+    reference either way."""
+    g = torch.Generator().manual_seed(7)
+    B, H, T, Tk, d = 2, 2, 40, 300, 8
+    q = torch.zeros(B, H, T, d, dtype=dtype)
+    q[..., :4] = torch.nn.functional.normalize(torch.randn(B, H, T, 4, generator=g, dtype=dtype), dim=-1)
+    k = torch.zeros(1 if shared else B, H, Tk, d, dtype=dtype)
+    k[..., :4] = torch.randn(k.shape[0], H, Tk, 4, generator=g, dtype=dtype)
+    k[:, :, 0, 4] = big  # orthogonal to every query: score 0, norm `big`
+    v = torch.randn(k.shape, generator=g, dtype=dtype)
+    kw = dict(causal=causal, scale=1.0, q_offset=Tk - T if causal else 0)
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    out = rope_attention(qs, ks, vs, **kw)
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ref = rope_attention_reference(qr, kr, vr, **kw)
+    torch.testing.assert_close(out, ref, **_tol(dtype))
+    gout = torch.randn(out.shape, generator=g, dtype=dtype)
+    out.backward(gout)
+    ref.backward(gout)
+    for a, b in ((qs, qr), (ks, kr), (vs, vr)):
+        torch.testing.assert_close(a.grad, b.grad, **_tol(dtype))

@@ -658,6 +658,32 @@ void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, c
 // Key/value tiles are the (d x BK) transposed layout: shared by the batch when k is (codebook),
 // otherwise a per-thread copy of the current (batch, kv head), filled as far as the keys needed.
 // Which head sizes and key counts take it: lanes_forward() (rope_attention_cpu.cpp).
+// Rows take a fixed reference m = |q| max_j |k_j| (Cauchy-Schwarz: no score exceeds it; RoPE keeps
+// norms) instead of a running max: no per-block max, horizontal reduction or rescale. It is exact
+// while the row's largest power 2^(s_max - m) stays far from underflow: a row whose sum falls
+// below kMinBoundedSum (or whose bound is not finite: inf or NaN inputs) is redone with the
+// running max. Above it the largest power is >= 2^-60 / Tk, so a power that underflows weighs
+// under 2^-46 of it in float (double underflows 2^-1022 down): below rounding.
+constexpr double kMinBoundedSum = 0x1p-60;
+
+// The largest squared norm of the keys of a transposed (D x BK) tile; NaN keys are skipped (their
+// scores are NaN, which the row sum reports), padding keys are 0.
+template <typename A, int D, int BK>
+inline A block_key_norm2(const A* kt) {
+  using V = typename Vec<A>::type;
+  constexpr int W = Vec<A>::W;
+  V mx = V{};
+  for (int j = 0; j < BK; j += W) {
+    V ss = V{};
+    for (int c = 0; c < D; ++c) {
+      const V x = vload<V>(kt + c * BK + j);
+      ss += x * x;
+    }
+    mx = ss > mx ? ss : mx;
+  }
+  return Reduce<A, kVecBytes>::max(mx);
+}
+
 constexpr int kLaneBlockVectors = 4;  // key vectors per block: scores stay in registers (4 and 8 timed alike)
 // The backward's sweeps spill with AVX2's 16 registers: the tile GEMM backward is faster there.
 constexpr int kLanesBackwardMaxHead = kManyRegisters ? 8 : 0;
@@ -667,7 +693,6 @@ template <typename T, typename A, int D>
 void forward_lanes_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* out, A* lse,
                           const RopeTable<A>& tab) {
   using V = typename Vec<A>::type;
-  using VI = typename Vec<A>::itype;
   constexpr int W = Vec<A>::W, NV = kLaneBlockVectors, BK = NV * W, QC = kChunkQueries;
   const int64_t d = pr.d;
   const int64_t nqc = (pr.Tq + QC - 1) / QC;
@@ -677,10 +702,68 @@ void forward_lanes_kernel(const Problem& pr, const T* q, const T* k, const T* v,
   const A ninf = -std::numeric_limits<A>::infinity();
   const int64_t grain = work_grain(pr.B * pr.Hq * nqc, static_cast<double>(pr.B) * pr.Hq * pr.Tq * pr.Tk * pr.d);
   const SharedTiles<A> shared = make_shared_tiles<T, A, BK>(pr, tab, k, v, D, true, false, true, false);
+  std::vector<A> shared_kn2(shared.on ? pr.Hk : 0, A(0));  // largest squared key norm per kv head
+  for (int64_t hk = 0; hk < static_cast<int64_t>(shared_kn2.size()); ++hk)
+    for (int64_t kblk = 0; kblk < nkb; ++kblk)
+      shared_kn2[hk] = std::max(shared_kn2[hk], block_key_norm2<A, D, BK>(shared.at(shared.kt, hk, kblk)));
   at::parallel_for(0, pr.B * pr.Hq * nqc, grain, [&](int64_t t0, int64_t t1) {
     const int64_t cache = shared.on ? 0 : nkb * D * BK;
     std::vector<A> KT(cache), VT(cache), Qs(QC * D);
     int64_t cached_b = -1, cached_hk = -1, cached_blocks = 0;
+    A cached_kn2 = A(0);  // largest squared norm of the cached keys
+    // Query row qrow against keys [0, kend_r) of kv head hk; returns the reference max m of its
+    // powers p = 2^(s - m), summed into lsum and (times v) into acc, in lane form. kBound: m is
+    // m_fixed for the whole row (no max, no rescale); otherwise the running max of each block.
+    auto attend_row = [&](auto bound_tag, const A* qrow, int64_t hk, int64_t kend_r, A m_fixed, V* acc,
+                          V& lsum) -> A {
+      constexpr bool kBound = decltype(bound_tag)::value;
+      V qv[D];
+      for (int c = 0; c < D; ++c) {
+        qv[c] = V{} + qrow[c];
+        acc[c] = V{};
+      }
+      lsum = V{};
+      A m = kBound ? m_fixed : ninf;
+      for (int64_t kb = 0; kb < kend_r; kb += BK) {
+        const int64_t kblk = kb / BK;
+        const int nk = static_cast<int>(std::min<int64_t>(BK, kend_r - kb));
+        const A* kt = shared.on ? shared.at(shared.kt, hk, kblk) : KT.data() + kblk * D * BK;
+        const A* vt = shared.on ? shared.at(shared.vt, hk, kblk) : VT.data() + kblk * D * BK;
+        // fully unrolled, so that the scores and accumulators live in registers
+        V s[NV];
+#pragma GCC unroll 16
+        for (int j = 0; j < NV; ++j) {
+          s[j] = qv[0] * vload<V>(kt + j * W);
+#pragma GCC unroll 16
+          for (int c = 1; c < D; ++c) s[j] += qv[c] * vload<V>(kt + c * BK + j * W);
+        }
+        if (nk < BK)
+#pragma GCC unroll 16
+          for (int j = 0; j < NV; ++j) s[j] = Vec<A>::iota() + j * W < nk ? s[j] : V{} + ninf;
+        if (!kBound) {
+          V mx = s[0];
+#pragma GCC unroll 16
+          for (int j = 1; j < NV; ++j) mx = s[j] > mx ? s[j] : mx;
+          const A bm = Reduce<A, kVecBytes>::max(mx);
+          if (bm > m) {  // rescale what was summed against the old maximum (2^-inf = 0 at the start)
+            const A corr = std::exp2(m - bm);
+#pragma GCC unroll 16
+            for (int c = 0; c < D; ++c) acc[c] *= corr;
+            lsum *= corr;
+            m = bm;
+          }
+        }
+#pragma GCC unroll 16
+        for (int j = 0; j < NV; ++j) {
+          V p = vexp2(s[j] - m);
+          if (nk < BK) p = Vec<A>::iota() + j * W < nk ? p : V{};
+          lsum += p;
+#pragma GCC unroll 16
+          for (int c = 0; c < D; ++c) acc[c] += p * vload<V>(vt + c * BK + j * W);
+        }
+      }
+      return m;
+    };
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t qc = task % nqc, h = (task / nqc) % pr.Hq, b = task / (nqc * pr.Hq);
       const int64_t bk = pr.Bk == 1 ? 0 : b, hk = h / pr.group;
@@ -703,60 +786,36 @@ void forward_lanes_kernel(const Problem& pr, const T* q, const T* k, const T* v,
         }
         const T* kbase = k + (bk * pr.Hk + hk) * pr.Tk * d;
         const T* vbase = v + (bk * pr.Hk + hk) * pr.Tk * d;
+        if (cached_blocks == 0) cached_kn2 = A(0);
         for (; cached_blocks * BK < kend; ++cached_blocks) {
           const int64_t kb = cached_blocks * BK;
-          load_kv_tile<T, A, BK>(pr, tab, b, kbase, vbase, kb, std::min<int64_t>(BK, pr.Tk - kb), D,
-                                 KT.data() + cached_blocks * D * BK, nullptr, VT.data() + cached_blocks * D * BK,
-                                 nullptr);
+          A* kt = KT.data() + cached_blocks * D * BK;
+          load_kv_tile<T, A, BK>(pr, tab, b, kbase, vbase, kb, std::min<int64_t>(BK, pr.Tk - kb), D, kt, nullptr,
+                                 VT.data() + cached_blocks * D * BK, nullptr);
+          cached_kn2 = std::max(cached_kn2, block_key_norm2<A, D, BK>(kt));
         }
       }
+      // every key a row of this chunk sees is cached (or shared): its norm is within the bound
+      const A kn2 = shared.on ? shared_kn2[hk] : cached_kn2;
       for (int r = 0; r < nrows; ++r) {
         int64_t kend_r = pr.Tk;
         if (pr.causal) kend_r = std::max<int64_t>(0, std::min<int64_t>(pr.Tk, qp0 + r - kp0 + 1));
-        V qv[D], acc[D];
-        for (int c = 0; c < D; ++c) {
-          qv[c] = V{} + Qs[r * D + c];
-          acc[c] = V{};
+        const A* qrow = Qs.data() + r * D;
+        A qn2 = A(0);
+        for (int c = 0; c < D; ++c) qn2 += qrow[c] * qrow[c];
+        const A bound = std::sqrt(qn2 * kn2);
+        V acc[D], lsum;
+        A m = ninf, l = A(0);
+        bool done = false;
+        if (std::isfinite(bound)) {
+          m = attend_row(std::true_type(), qrow, hk, kend_r, bound, acc, lsum);
+          l = Reduce<A, kVecBytes>::sum(lsum);
+          done = l >= static_cast<A>(kMinBoundedSum);
         }
-        V lsum = V{};
-        A m = ninf;
-        for (int64_t kb = 0; kb < kend_r; kb += BK) {
-          const int64_t kblk = kb / BK;
-          const int nk = static_cast<int>(std::min<int64_t>(BK, kend_r - kb));
-          const A* kt = shared.on ? shared.at(shared.kt, hk, kblk) : KT.data() + kblk * D * BK;
-          const A* vt = shared.on ? shared.at(shared.vt, hk, kblk) : VT.data() + kblk * D * BK;
-          // fully unrolled, so that the scores and accumulators live in registers
-          V s[NV];
-#pragma GCC unroll 16
-          for (int j = 0; j < NV; ++j) {
-            s[j] = qv[0] * vload<V>(kt + j * W);
-#pragma GCC unroll 16
-            for (int c = 1; c < D; ++c) s[j] += qv[c] * vload<V>(kt + c * BK + j * W);
-          }
-          if (nk < BK)
-#pragma GCC unroll 16
-            for (int j = 0; j < NV; ++j) s[j] = Vec<A>::iota() + j * W < nk ? s[j] : V{} + ninf;
-          V mx = s[0];
-#pragma GCC unroll 16
-          for (int j = 1; j < NV; ++j) mx = s[j] > mx ? s[j] : mx;
-          const A bm = Reduce<A, kVecBytes>::max(mx);
-          if (bm > m) {  // rescale what was summed against the old maximum (2^-inf = 0 at the start)
-            const A corr = std::exp2(m - bm);
-#pragma GCC unroll 16
-            for (int c = 0; c < D; ++c) acc[c] *= corr;
-            lsum *= corr;
-            m = bm;
-          }
-#pragma GCC unroll 16
-          for (int j = 0; j < NV; ++j) {
-            V p = vexp2(s[j] - m);
-            if (nk < BK) p = Vec<A>::iota() + j * W < nk ? p : V{};
-            lsum += p;
-#pragma GCC unroll 16
-            for (int c = 0; c < D; ++c) acc[c] += p * vload<V>(vt + c * BK + j * W);
-          }
+        if (!done) {
+          m = attend_row(std::false_type(), qrow, hk, kend_r, ninf, acc, lsum);
+          l = Reduce<A, kVecBytes>::sum(lsum);
         }
-        const A l = Reduce<A, kVecBytes>::sum(lsum);
         T* orow = out + ((b * pr.Hq + h) * pr.Tq + i0 + r) * d;
         A* lrow = lse + (b * pr.Hq + h) * pr.Tq + i0 + r;
         // l is 0 when the row sees no key, NaN when one of its scores was NaN (as in exp_row's users)
