@@ -732,10 +732,15 @@ void forward_lanes_kernel(const Problem& pr, const T* q, const T* k, const T* v,
         // fully unrolled, so that the scores and accumulators live in registers
         V s[NV];
 #pragma GCC unroll 16
-        for (int j = 0; j < NV; ++j) {
+        for (int j = 0; j < NV; ++j) {  // two partial sums: shorter FMA latency chains
+          V s1 = qv[1] * vload<V>(kt + BK + j * W);
           s[j] = qv[0] * vload<V>(kt + j * W);
 #pragma GCC unroll 16
-          for (int c = 1; c < D; ++c) s[j] += qv[c] * vload<V>(kt + c * BK + j * W);
+          for (int c = 2; c < D; c += 2) {
+            s[j] += qv[c] * vload<V>(kt + c * BK + j * W);
+            s1 += qv[c + 1] * vload<V>(kt + (c + 1) * BK + j * W);
+          }
+          s[j] += s1;
         }
         if (nk < BK)
 #pragma GCC unroll 16
@@ -915,12 +920,17 @@ void backward_lanes_kernel(const Problem& pr, const T* gout, const T* q, const T
                 }
                 const A* qr = Qs.data() + (ro0 + r) * D;
                 const A* orow = dO.data() + (ro0 + r) * D;
-                V sc = qr[0] * kc[0], dp = orow[0] * vc[0];
+                // two partial sums each: halves the FMA latency chains a row waits on
+                V sc = qr[0] * kc[0], dp = orow[0] * vc[0], sc1 = qr[1] * kc[1], dp1 = orow[1] * vc[1];
 #pragma GCC unroll 16
-                for (int c = 1; c < D; ++c) {
+                for (int c = 2; c < D; c += 2) {
                   sc += qr[c] * kc[c];
                   dp += orow[c] * vc[c];
+                  sc1 += qr[c + 1] * kc[c + 1];
+                  dp1 += orow[c + 1] * vc[c + 1];
                 }
+                sc += sc1;
+                dp += dp1;
                 V p = vexp2(sc - L[ro0 + r]);
                 if (lim[r] < BK) p = Vec<A>::iota() + j * W < lim[r] ? p : V{};
                 vstore(dsrow, p * (dp - Dv[ro0 + r]));
