@@ -240,10 +240,12 @@ class VQFormer(ForecastModel):
     #: Whether :meth:`step` may take the inference fast path (:meth:`_decode_one`).
     fast_decode: bool = True
 
-    def _decode_plan(self) -> tuple[list[tuple], tuple]:
+    def _decode_plan(self) -> tuple[list[tuple], tuple, tuple | None]:
         """Per block, the tensors and sizes :meth:`_decode_one` reads, gathered once per cache: module
         attribute look-ups cost more than the step's arithmetic. It holds the parameters themselves
-        (not copies), so in-place updates (optimisers, ``load_state_dict``) stay visible."""
+        (not copies), so in-place updates (optimisers, ``load_state_dict``) stay visible. Returns the
+        blocks' plans, the output head's, and the native op's arguments
+        (:meth:`_native_decode_args`)."""
         def norm(ln: nn.LayerNorm):
             return ln.normalized_shape, ln.weight, ln.bias, ln.eps
 
