@@ -491,6 +491,32 @@ struct KvGradParts {
     dk_part = dk_out + tid * partial_stride;
     dv_part = dv_out + tid * partial_stride;
   }
+  // Adds the tile-layout accumulators (nkb key blocks of width x BK per kv head) into this
+  // thread's partial sums, once at the end of its tasks. Shared tiles mean k is not rotated.
+  template <int BK>
+  void add_shared_tiles(const Problem& pr, const RopeTable<A>& tab, int64_t nkb, int64_t width, A kscale) {
+    if (!on || dK_tiles.empty()) return;
+    for (int64_t hk = 0; hk < pr.Hk; ++hk)
+      for (int64_t kblk = 0; kblk < nkb; ++kblk) {
+        const int64_t kb = kblk * BK, at = (hk * nkb + kblk) * width * BK;
+        const int nk = static_cast<int>(std::min<int64_t>(BK, pr.Tk - kb));
+        add_kv_grad_tile<A, BK>(pr, tab, 0, hk, kb, nk, dK_tiles.data() + at, dV_tiles.data() + at, kscale, dk_part,
+                                dv_part);
+      }
+  }
+};
+
+// What a backward task (one query batch b and kv head hk) reads: its keys' batch bk, the absolute
+// positions of its first query and key, and the offset of its keys and values in k and v.
+struct BackwardTask {
+  int64_t hk, b, bk, qs, ks, kvbase;
+  BackwardTask(const Problem& pr, int64_t task)
+      : hk(task % pr.Hk),
+        b(task / pr.Hk),
+        bk(pr.Bk == 1 ? 0 : b),
+        qs(pr.qpos[b]),
+        ks(pr.kpos[b]),
+        kvbase((bk * pr.Hk + hk) * pr.Tk * pr.d) {}
 };
 
 // Stages a backward task's rows (query batch b, kv head hk), for each of its grouped query heads
@@ -559,13 +585,11 @@ void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, c
     KvGradParts<A> acc(pr, shared.on, pr.Hk * nkb * dp * BK, dk_out, dv_out, partial_stride, nthreads);
     const bool kv = acc.on;
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t hk = task % pr.Hk, b = task / pr.Hk;
-      const int64_t bk = pr.Bk == 1 ? 0 : b;
-      const int64_t qs = pr.qpos[b], ks = pr.kpos[b];
+      const BackwardTask t(pr, task);
+      const int64_t hk = t.hk, b = t.b, qs = t.qs, ks = t.ks, kvbase = t.kvbase;
       stage_task_rows<T, A>(pr, tab, b, hk, q, gout, lse, Drow, tq4, dp, scale * log2e, Qs.data(), dO.data(),
                             L.data(), Dv.data());
       std::fill(dQ.begin(), dQ.end(), A(0));
-      const int64_t kvbase = (bk * pr.Hk + hk) * pr.Tk * d;
       for (int64_t kblk = 0; kblk < nkb; ++kblk) {
         const int64_t kb = kblk * BK;
         const int nk = static_cast<int>(std::min<int64_t>(BK, pr.Tk - kb));
@@ -629,7 +653,7 @@ void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, c
         const int64_t rowbase = (b * pr.Hq + hk * pr.group + g) * pr.Tq;
         for (int64_t i = 0; i < pr.Tq; ++i) {
           const int64_t row = pr.rope_q ? tab.q_row[b] + i : 0;
-          A tmp[128];
+          A tmp[kMaxPaddedHead];
           rotate_row<A, A>(dQ.data() + (g * tq4 + i) * dp, tmp, d, d, scale, pr.rope_q ? tab.cos_row(row) : nullptr,
                            pr.rope_q ? tab.sin_row(row) : nullptr, A(-1));
           T* dst = dq + (rowbase + i) * d;
@@ -637,14 +661,7 @@ void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, c
         }
       }
     }
-    if (shared.on && kv)  // k is not rotated here (shared tiles need !rope_k)
-      for (int64_t hk = 0; hk < pr.Hk; ++hk)
-        for (int64_t kblk = 0; kblk < nkb; ++kblk) {
-          const int64_t kb = kblk * BK;
-          const int nk = static_cast<int>(std::min<int64_t>(BK, pr.Tk - kb));
-          add_kv_grad_tile<A, BK>(pr, tab, 0, hk, kb, nk, acc.dK_tiles.data() + (hk * nkb + kblk) * dp * BK,
-                                  acc.dV_tiles.data() + (hk * nkb + kblk) * dp * BK, ln2, acc.dk_part, acc.dv_part);
-        }
+    acc.template add_shared_tiles<BK>(pr, tab, nkb, dp, ln2);
   });
 }
 
@@ -652,8 +669,8 @@ void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, c
 // Forward for small head sizes (d <= 16) over many keys, keys along the vector lanes. With d = 8 a row-major
 // tile wastes half of an AVX-512 vector (or pads d), and the score matrix makes three trips
 // through memory (GEMM out, max, exp); here a query row meets a block of NV vectors of keys held
-// in registers: scores s = q . K^T (d broadcast FMAs per vector), block max, p = 2^(s - m) and
-// the PV product accumulated per value channel in lane form (d FMAs per vector), reduced across
+// in registers: scores s = q . K^T (d broadcast FMAs per vector), p = 2^(s - m) against the row's
+// reference m (below) and the PV product accumulated per value channel in lane form (d FMAs per vector), reduced across
 // lanes once per row. The scale and log2(e) are folded into the staged query, so the softmax runs
 // in base 2; lse is converted back to natural log on output.
 // Key/value tiles are the (d x BK) transposed layout: shared by the batch when k is (codebook),
@@ -869,13 +886,11 @@ void backward_lanes_kernel(const Problem& pr, const T* gout, const T* q, const T
     KvGradParts<A> acc(pr, shared.on, pr.Hk * nkb * D * BK, dk_out, dv_out, partial_stride, nthreads);
     const bool kv = acc.on;
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t hk = task % pr.Hk, b = task / pr.Hk;
-      const int64_t bk = pr.Bk == 1 ? 0 : b;
-      const int64_t qs = pr.qpos[b], ks = pr.kpos[b];
+      const BackwardTask t(pr, task);
+      const int64_t hk = t.hk, b = t.b, qs = t.qs, ks = t.ks, kvbase = t.kvbase;
       stage_task_rows<T, A>(pr, tab, b, hk, q, gout, lse, Drow, tq, D, qscale, Qs.data(), dO.data(), L.data(),
                             Dv.data());
       std::fill(dQacc.begin(), dQacc.end(), A(0));
-      const int64_t kvbase = (bk * pr.Hk + hk) * pr.Tk * d;
       for (int64_t kblk = 0; kblk < nkb; ++kblk) {
         const int64_t kb = kblk * BK;
         const int nk = static_cast<int>(std::min<int64_t>(BK, pr.Tk - kb));
@@ -992,14 +1007,7 @@ void backward_lanes_kernel(const Problem& pr, const T* gout, const T* q, const T
         }
       }
     }
-    if (shared.on && kv)
-      for (int64_t hk = 0; hk < pr.Hk; ++hk)
-        for (int64_t kblk = 0; kblk < nkb; ++kblk) {
-          const int64_t kb = kblk * BK;
-          const int nk = static_cast<int>(std::min<int64_t>(BK, pr.Tk - kb));
-          add_kv_grad_tile<A, BK>(pr, tab, 0, hk, kb, nk, acc.dK_tiles.data() + (hk * nkb + kblk) * D * BK,
-                                  acc.dV_tiles.data() + (hk * nkb + kblk) * D * BK, ln2, acc.dk_part, acc.dv_part);
-        }
+    acc.template add_shared_tiles<BK>(pr, tab, nkb, D, ln2);
   });
 }
 
