@@ -49,6 +49,16 @@ class PositionalEncoding(nn.Module):
     needs_even_dim: ClassVar[bool] = False
     #: Whether any absolute position works (False: limited to a table of ``time_steps`` rows).
     any_position: ClassVar[bool] = True
+    #: Whether attention sees only position differences (a cached decode equals recomputation).
+    #: Defaults from ``mode``: "identity" and "rotate" are relative, "add" (a table) is absolute.
+    relative: ClassVar[bool] = False
+    #: Column title in reports (default: the registered name).
+    title: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "relative" not in cls.__dict__:
+            cls.relative = cls.mode in ("identity", "rotate")
 
     def __init__(self, dim: int, time_steps: int):
         super().__init__()
@@ -75,21 +85,23 @@ class PositionalEncoding(nn.Module):
 
 
 class NoPE(PositionalEncoding):
-    """No positional information (the seed's "original" models)."""
+    """No positional information (the log's "original" models)."""
 
     mode = "identity"
+    title = "Original"
 
     def forward(self, x, start_pos=0):
         return x
 
 
 class RandnPE(PositionalEncoding):
-    """The seed's fixed table: ``0.01 * randn(time_steps, dim)`` added, never trained.
+    """The log's fixed table: ``0.01 * randn(time_steps, dim)`` added, never trained.
 
     Only positions ``0 .. time_steps - 1`` exist; a later position raises instead of wrapping.
     """
 
     any_position = False
+    title = "+RandnPE"
 
     def __init__(self, dim: int, time_steps: int):
         super().__init__(dim, time_steps)
@@ -115,6 +127,7 @@ class SinusoidalPE(PositionalEncoding):
     """
 
     base: ClassVar[float] = 10000.0
+    title = "+SinPE"
 
     def forward(self, x, start_pos=0):
         self._check_input(x)
@@ -131,13 +144,14 @@ class SinusoidalPE(PositionalEncoding):
 class RoPE(PositionalEncoding):
     """Rotary encoding: pairs (2i, 2i+1) turned by ``pos * base^(-2i/dim)`` (``vqext.ops.apply_rope``).
 
-    The seed's models rotate their per-head embedding with it; attention architectures rotate
+    The log's models rotate their per-head embedding with it; attention architectures rotate
     queries and keys inside ``rope_attention`` instead.
     """
 
     mode = "rotate"
     needs_even_dim = True
     base: ClassVar[float] = 10000.0
+    title = "+RoPE"
 
     def forward(self, x, start_pos=0):
         self._check_input(x)
