@@ -91,7 +91,7 @@ def bench_codebook(H, backward, min_time, device, B=64, T=96, K=512, d_model=64)
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(B, H, T, dh, generator=g).to(device)
     c0 = torch.randn(1, H, K, dh, generator=g).to(device)
-    scale = d_model ** -0.5  # the seed's scale
+    scale = d_model ** -0.5  # the log's scale
 
     def make(bw):
         return [x0.detach().requires_grad_(bw), c0.detach().requires_grad_(bw)]

@@ -1,10 +1,10 @@
 """Training throughput and cached autoregressive forecasting, vqext against plain PyTorch.
 
-1. Training (windows/s), the seed's setup (K 512, d 64, T 96, batch 32, Adam lr 0.007, frozen
+1. Training (windows/s), the log's setup (K 512, d 64, T 96, batch 32, Adam lr 0.007, frozen
    codebook, RoPE) for the 1-head (`vqlnmlp`) and 8-head (`mhvqlnmlp`) configurations: the vqext
    model against a plain-PyTorch implementation of the same model (Linear -> eager RoPE ->
    LayerNorm -> matmul-softmax-matmul codebook attention -> Linear), same data, same steps.
-2. Regressive forecast of 637 steps at T = 96 (the seed's y+w.csv protocol) with a one-layer `vqformer`,
+2. Regressive forecast of 637 steps at T = 96 (the log's y+w.csv protocol) with a one-layer `vqformer`,
    recomputing each window against the KV cache; the outputs must agree (<= 1e-5 relative). Also
    the default two-layer `vqformer`, for speed only (deeper cached decoding differs by design:
    upper-layer keys keep an older context).
@@ -45,7 +45,7 @@ def eager_rope(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
 
 
 class PlainVQ(nn.Module):
-    """The seed's (MH)VQLNMLP with RoPE in plain PyTorch."""
+    """The log's (MH)VQLNMLP with RoPE in plain PyTorch."""
 
     def __init__(self, vocab_size=512, d_model=64, heads=1):
         super().__init__()
@@ -59,7 +59,7 @@ class PlainVQ(nn.Module):
         B, T, _ = x.shape
         h = self.inp(x).view(B, T, self.heads, -1).transpose(1, 2)  # (B, H, T, dh)
         h = self.ln(eager_rope(h))
-        scores = torch.matmul(h, self.codebook.transpose(-1, -2)) / math.sqrt(self.d_model)  # the seed's scale
+        scores = torch.matmul(h, self.codebook.transpose(-1, -2)) / math.sqrt(self.d_model)  # the log's scale
         a = torch.matmul(torch.softmax(scores, dim=-1), self.codebook)
         return self.out(a.transpose(1, 2).reshape(B, T, -1))
 

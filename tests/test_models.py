@@ -1,4 +1,4 @@
-"""Built-in architectures × encodings: build, forward/backward, the seed's numbers, cached decoding."""
+"""Built-in architectures × encodings: build, forward/backward, the log's numbers, cached decoding."""
 import collections
 import importlib
 import math
@@ -89,7 +89,7 @@ def test_every_arch_and_encoding_runs_forward_and_backward(arch, pe, quantizer):
     torch.testing.assert_close(y2, y)
 
 
-# ---------------------------------------------------------------- the seed
+# ---------------------------------------------------------------- the log (20241223)
 
 SEED_TRAINABLE = {("vqlnmlp", 1): 321, ("mhvqlnmlp", 2): 257, ("mhvqlnmlp", 8): 209}
 
@@ -107,7 +107,7 @@ def test_seed_configurations_have_the_seed_parameter_counts(arch, heads, pe):
 
 
 def seed_formula(model, x, pe_table=None):
-    """The seed's forward, written out: encoder, split heads, (+PE), per-head LayerNorm,
+    """The log's forward, written out: encoder, split heads, (+PE), per-head LayerNorm,
     softmax(x C^T / sqrt(d_model)) C, merge, decoder."""
     B, T, _ = x.shape
     H, d = model.heads, model.d_model

@@ -43,7 +43,7 @@ def test_wildcards():
 def test_listing_names_imports_no_architecture_module():
     code = ("import sys, vqext; names = vqext.list_archs() + vqext.list_pes(); "
             "assert 'vqlnmlp' in names; "
-            "loaded = [m for m in ('vqext.models.seed', 'vqext.models.vqformer', 'vqext.pe.encodings') if m in sys.modules]; "
+            "loaded = [m for m in ('vqext.models.log20241223', 'vqext.models.vqformer', 'vqext.pe.encodings') if m in sys.modules]; "
             "assert not loaded, loaded")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -109,7 +109,7 @@ def _plugin(tmp_path, name, archs=None, pes=None, modules=None, version="1.0"):
 
 
 TINY_ARCH = '''
-from vqext.models.seed import VQLNMLP
+from vqext.models.log20241223 import VQLNMLP
 
 class Tiny(VQLNMLP):
     accepted_pes = ("none",)
@@ -134,7 +134,7 @@ def test_conflicts_builtin_wins_then_first_distribution(tmp_path, monkeypatch):
                   modules=mod)
     abc = _plugin(tmp_path, "abc-plugin", archs={"shared": "conflictmod:Other"})
     activate(monkeypatch, zed, abc)
-    from vqext.models.seed import VQLNMLP
+    from vqext.models.log20241223 import VQLNMLP
 
     assert registry.get_arch("vqlnmlp") is VQLNMLP
     assert registry.get_arch("shared").__name__ == "Other"  # abc-plugin sorts before zed-plugin

@@ -1,7 +1,7 @@
 """What training minimises, and how fast: the loss terms, input noise and learning-rate schedule.
 
 All of it is configured by :class:`~vqext.config.RunConfig` fields (CLI flags of ``run`` and
-``sweep``); with their defaults training is the seed's: constant learning rate, plain MSE.
+``sweep``); with their defaults training is the log's: constant learning rate, plain MSE.
 
 * ``input_noise``: Gaussian noise of that std (normalised units) is added to the training inputs
   (targets stay clean), so the model learns to read slightly wrong inputs, which is what it gets

@@ -35,7 +35,7 @@ def check_common(arch: str, hp: dict) -> None:
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                               or not math.isfinite(scale) or scale <= 0):
         raise ConfigError(f"{arch}: codebook_scale must be a positive number or None "
-                          f"(None = 1/sqrt(d_model), as the seed), got {scale!r}")
+                          f"(None = 1/sqrt(d_model), as the log), got {scale!r}")
     weight = hp.get("commitment_weight")
     if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0):
         raise ConfigError(f"{arch}: commitment_weight must be a number >= 0, got {weight!r}")

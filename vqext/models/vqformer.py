@@ -1,4 +1,4 @@
-"""VQFormer: the seed's codebook model with causal attention and depth (``vqformer``).
+"""VQFormer: the log's codebook model with causal attention and depth (``vqformer``).
 
 ``Linear(1 -> d_model) [+ absolute PE] -> depth x block -> LayerNorm -> Linear(d_model -> 1)``,
 each block pre-norm with residuals::

@@ -1,4 +1,4 @@
-"""Attention layers on vqext's fused kernel: the seed's soft VQ and causal self-attention."""
+"""Attention layers on vqext's fused kernel: the log's soft VQ and causal self-attention."""
 from __future__ import annotations
 
 import math
@@ -33,10 +33,10 @@ class CodebookAttention(nn.Module):
         num_codes: codebook size K.
         dim: model width; split into ``heads`` heads of ``dim // heads``.
         heads: number of heads (one codebook each).
-        scale: score scale; None = ``1 / sqrt(dim // heads)``. The seed used ``1 / sqrt(d_model)``
+        scale: score scale; None = ``1 / sqrt(dim // heads)``. The log used ``1 / sqrt(d_model)``
             for all heads, which its models pass explicitly.
-        freeze: keep the codebook fixed (a buffer, as in the seed, whose codebook never trained).
-        init_std: the codebook starts as ``init_std * randn`` (the seed: 1).
+        freeze: keep the codebook fixed (a buffer, as in the log, whose codebook never trained).
+        init_std: the codebook starts as ``init_std * randn`` (the log: 1).
 
     ``forward(x, return_indices=False)`` takes ``x`` as ``(B, T, dim)`` or already split into
     heads as ``(B, heads, T, dim // heads)`` and returns the same layout; with

@@ -117,7 +117,7 @@ void search_rows(const F32Search& s, int64_t row_begin, int64_t row_end) {
 
 template <class S, int MR, int NR>
 void search_rows_dispatch_d(const F32Search& s, int64_t row_begin, int64_t row_end) {
-  // Compile-time D for the seed's head sizes (and the common single-head widths) lets the whole
+  // Compile-time D for the log's head sizes (and the common single-head widths) lets the whole
   // dot product unroll into a straight FMA chain with the x values broadcast from L1.
   switch (s.D) {
 #define VQEXT_D_CASE(d) \

@@ -1,4 +1,4 @@
-"""``lstm``: the seed project's strongest baseline, an LSTM (hidden 64, 2 layers) then a Linear."""
+"""``lstm``: the research log's strongest baseline, an LSTM (hidden 64, 2 layers) then a Linear."""
 from __future__ import annotations
 
 import torch

@@ -1,10 +1,11 @@
-"""The seed's architectures, VQLNMLP and MHVQLNMLP, as one model with a head count.
+"""VQLNMLP and MHVQLNMLP, the architectures of the 2024-12-23 research log
+(``../shared/seed/20241223.md``, "the log" below), as one model with a head count.
 
 ``Linear(1 -> d_model) -> split into heads -> PE (per head) -> LayerNorm (per head, shared) ->
 codebook attention (one codebook per head) -> merge heads -> Linear(d_model -> 1)``.
 
-Faithful to the seed: the codebook starts as ``randn(heads, K, d_model / heads)`` and, by default,
-is frozen (the seed registered it as a buffer, so it never trained), the score scale is
+Faithful to the log: the codebook starts as ``randn(heads, K, d_model / heads)`` and, by default,
+is frozen (the log's code registered it as a buffer, so it never trained), the score scale is
 ``1 / sqrt(d_model)`` for every head count, and one LayerNorm of the head size is shared by the
 heads. There is no mixing between time steps: output ``t`` depends only on input ``t`` and its
 position, so cached decoding is trivial (``step`` is ``forward`` on one step at ``cache.pos``).
@@ -20,7 +21,7 @@ from .base import ForecastModel
 
 
 class MHVQLNMLP(ForecastModel):
-    """Multi-head codebook model of the seed (``mhvqlnmlp``); ``VQLNMLP`` is its one-head case."""
+    """Multi-head codebook model of the log (``mhvqlnmlp``); ``VQLNMLP`` is its one-head case."""
 
     accepted_pes = ("*",)
     supports_cache = True
@@ -91,7 +92,7 @@ class MHVQLNMLP(ForecastModel):
 
 
 class VQLNMLP(MHVQLNMLP):
-    """The seed's one-head model (``vqlnmlp``): LayerNorm over d_model, one codebook of K codes."""
+    """The log's one-head model (``vqlnmlp``): LayerNorm over d_model, one codebook of K codes."""
 
     defaults = dict(vocab_size=512, d_model=64, time_steps=96, quantizer="soft",
                     freeze_codebook=True, codebook_scale=None, commitment_weight=0.25)

@@ -1,4 +1,4 @@
-"""The seed's 8-row table (../shared/seed/20241223.md), reproduced by the commands in
+"""The 2024-12-23 research log's 8-row table (../shared/seed/20241223.md), reproduced by the commands in
 docs/reproduce-20241223.md, each configuration's validation loss within 3% of the published one."""
 import csv
 import os
@@ -34,7 +34,7 @@ def test_the_doc_lists_the_whole_table():
 @pytest.mark.slow
 def test_seed_table_reproduces_within_3_percent(tmp_path, monkeypatch):
     data = os.path.join(ROOT, "..", "shared", "data", "y+w.csv")
-    assert os.path.exists(data), f"the seed's data is missing: {data} (shared/ must sit beside the clone)"
+    assert os.path.exists(data), f"the log's data is missing: {data} (shared/ must sit beside the clone)"
     monkeypatch.chdir(ROOT)
     out = str(tmp_path / "seed")
     t0 = time.perf_counter()
@@ -49,6 +49,6 @@ def test_seed_table_reproduces_within_3_percent(tmp_path, monkeypatch):
     assert set(got) == set(PUBLISHED)
     lines = [f"{a:>9} {p:>5}: {got[a, p]:.6f} vs {v:.6f} ({100 * (got[a, p] / v - 1):+.2f}%)"
              for (a, p), v in PUBLISHED.items()]
-    print(f"\nseed table reproduced in {seconds:.1f} s\n" + "\n".join(lines))
+    print(f"\nlog table reproduced in {seconds:.1f} s\n" + "\n".join(lines))
     bad = [line for (key, v), line in zip(PUBLISHED.items(), lines) if abs(got[key] / v - 1) > 0.03]
     assert not bad, "outside 3%:\n" + "\n".join(bad)
