@@ -157,7 +157,7 @@ def test_sweep_also_rejects_bad_grids(also, message, tmp_path, monkeypatch):
 
 def test_sweep_schedules_the_longest_runs_first():
     from vqext.config import RunConfig
-    from vqext.report import estimated_cost
+    from vqext.sweep import estimated_cost
 
     def cfg(**hp):
         return RunConfig(arch="mhvqlnmlp", pe="none", hparams={"vocab_size": 512, "d_model": 64, **hp})

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from vqext import config as C
 from vqext.cli import main
-from vqext.train import load_checkpoint
+from vqext.checkpoint import load_checkpoint
 
 EPOCHS = 3
 # Each kill costs a process start (seconds on a busy machine); VQEXT_KILLS=2 kills in epochs 2 and 3.

@@ -73,7 +73,7 @@ def test_lstm_is_the_seed_baseline_and_trains(baselines):
 
 def test_naive_baselines_are_evaluated_without_training(baselines, tmp_path):
     from vqext import config as C
-    from vqext.train import run_experiment
+    from vqext.experiment import run_experiment
 
     x = torch.tensor([[1.0], [3.0], [2.0], [6.0]]).unsqueeze(0)
     assert torch.equal(vqext.create_model("repeat_last")(x), x)

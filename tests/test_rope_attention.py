@@ -98,7 +98,7 @@ def test_long_sequence():
 
 
 def test_codebook_attention_shape():
-    # the seed's soft VQ: every position attends over a shared per-head codebook
+    # the log's soft VQ: every position attends over a shared per-head codebook
     x, c, _ = _inputs(4, 8, 24, 1, 8, 64, 8)
     _compare(x, c, c, scale=64 ** -0.5)
 

@@ -7,7 +7,10 @@ import torch
 from vqext import config as C
 from vqext.errors import DataError
 from vqext.registry import resolve_hparams
-from vqext.train import TrainingError, load_checkpoint, load_run, run_experiment, train
+from vqext.checkpoint import load_checkpoint, load_run
+from vqext.experiment import run_experiment
+from vqext.io import atomic_write_json
+from vqext.train import TrainingError, train
 
 TINY = {"vqlnmlp": dict(vocab_size=16, d_model=8),
         "mhvqlnmlp": dict(vocab_size=16, d_model=8, heads=2),
@@ -62,8 +65,8 @@ def test_no_temporary_files_left(tmp_path):
 
 def test_atomic_write_replaces_whole_files(tmp_path):
     path = str(tmp_path / "f.json")
-    C.atomic_write_json(path, {"a": 1})
-    C.atomic_write_json(path, {"a": 2})
+    atomic_write_json(path, {"a": 1})
+    atomic_write_json(path, {"a": 2})
     assert json.load(open(path)) == {"a": 2} and os.listdir(tmp_path) == ["f.json"]
 
 
@@ -199,7 +202,7 @@ def test_training_settings_come_from_the_user_then_the_architecture_then_vqext()
     assert {k: rec[k] for k in VQFormer.recommended_training} == VQFormer.recommended_training
     assert C.resolve_training("vqformer", epochs=3, input_noise=0.0)["epochs"] == 3
     assert C.resolve_training("vqformer", input_noise=0.0)["input_noise"] == 0.0
-    assert C.resolve_training("mhvqlnmlp") == C.TRAINING_DEFAULTS  # the seed's training
+    assert C.resolve_training("mhvqlnmlp") == C.TRAINING_DEFAULTS  # the log's training
 
 
 def test_model_without_parameters_is_evaluated_only(tmp_path):

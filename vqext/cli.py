@@ -193,7 +193,7 @@ def _common_training_options(sweep: bool):
             click.option("--pushforward", type=int, default=None,
                          help="extra passes on the model's own detached predictions (0: off)."),
             click.option("--split", type=click.Choice(["random", "chronological"]), default="random", show_default=True,
-                         help="train/validation split of the windows (random: seeded 80/20 like the seed)."),
+                         help="train/validation split of the windows (random: seeded 80/20 like the log)."),
             click.option("--split-seed", type=int, default=42, show_default=True),
             click.option("--positions", type=click.Choice(["window", "series"]), default="window", show_default=True,
                          help="start_pos of each window: 0 (window) or its index in the series (series)."),
@@ -216,7 +216,7 @@ def _common_training_options(sweep: bool):
                                   help="positional encoding (default: the architecture's recommended one, else none)."),
                      click.option("--seed", type=int, default=0, show_default=True),
                      click.option("--freeze-codebook/--train-codebook", default=None,
-                                  help="keep the codebook fixed at its initialisation (the seed's setting).")]
+                                  help="keep the codebook fixed at its initialisation (the log's setting).")]
         for name, (flag, typ, text) in _HPARAM_OPTIONS.items():
             opts.append(click.option(flag, name, type=str if sweep else typ, default=None,
                                      help=text + (" Comma-separated list." if sweep else "")))
@@ -292,7 +292,7 @@ def run(arch, pe, seed, freeze_codebook, resume_dir, quiet, out, cache, **kw):
 
     Without --arch (and hyper-parameters) it trains the recommended configuration: vqformer with
     rope and its recommended training (docs/results.md). Training settings not given come from the
-    architecture's recommendation, else vqext's defaults (the seed's training).
+    architecture's recommendation, else vqext's defaults (the log's training).
 
     \b
     Examples:
@@ -302,8 +302,9 @@ def run(arch, pe, seed, freeze_codebook, resume_dir, quiet, out, cache, **kw):
       vqext run --arch vqformer --pe rope --depth 2 --data synthetic:sine --epochs 5 --quiet
       vqext run --resume runs/vqlnmlp_vs512_.../2024-12-23-00-05-16
     """
-    from .config import RunConfig, read_json
-    from .train import run_experiment
+    from .config import RunConfig
+    from .experiment import run_experiment
+    from .io import read_json
 
     if resume_dir:
         cfg = RunConfig.from_dict(read_json(os.path.join(resume_dir, "config.json"), "run config"))
@@ -349,7 +350,7 @@ def _parse_also(text: str) -> dict:
 
 
 def _grid_of(lists: dict):
-    from .report import build_grid
+    from .sweep import build_grid
 
     hparams = {}
     for name, (flag, typ, _) in _HPARAM_OPTIONS.items():
@@ -389,7 +390,8 @@ def sweep(archs, pes, seeds, freeze_codebook, jobs, shard, also, quiet, out, cac
     """
     import datetime as dt
 
-    from .report import parse_shard, run_sweep, shard as take_shard, write_report
+    from .report import write_report
+    from .sweep import parse_shard, run_sweep, shard as take_shard
 
     if jobs < 1:
         raise click.BadParameter("must be at least 1", param_hint="--jobs")
@@ -444,44 +446,17 @@ def forecast(run_dir, data, column, horizon, cache, out):
       vqext forecast --run runs/mhvqlnmlp_rope_.../2024-12-23-00-04-22 --data ../shared/data/w+y.csv
       vqext forecast --run runs/vqformer_rope_.../... --data ../shared/data/w+y.csv --cache --horizon 200
     """
-    import warnings
+    from .experiment import forecast_run
 
-    from . import plots
-    from .config import atomic_write_json
-    from .data import check_length, load_series
-    from .forecast import forecast_series
-    from .train import load_run, write_forecast_csv
-
-    cfg, model, _ = load_run(run_dir)
-    series = load_series(data, column)
-    check_length(len(series), cfg.time_steps, series.source)
     if horizon is not None and horizon < 1:
         raise click.BadParameter("must be at least 1", param_hint="--horizon")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fc = forecast_series(model, cfg.arch, cfg.pe, series.values, cfg.time_steps, positions=cfg.positions,
-                             horizon=horizon, cache=cache)
-    for w in caught:
-        click.echo(f"note: {w.message}", err=True)
-    out = out or os.path.join(run_dir, "forecasts", series.name)
-    result = {"run": run_dir, "data": series.source, "column": series.column, "points": len(series),
-              "normalizer": "the series' own mean and std", **fc.metrics}
-    atomic_write_json(os.path.join(out, "metrics.json"), result)
-    write_forecast_csv(os.path.join(out, "forecast.csv"), series.values, cfg.time_steps, fc)
-    title = f"{cfg.arch}/{cfg.pe} on {series.name}"
-    plots.plot_forecast(series.values, fc.one_step, cfg.time_steps, os.path.join(out, "predict_batch.png"),
-                        title=f"{title}: one-step (MSE {fc.metrics['batch']['mse']:.4g})", label="one-step forecast",
-                        context=cfg.time_steps, ylabel=series.column)
-    plots.plot_forecast(series.values, fc.regressive, cfg.time_steps, os.path.join(out, "predict_regressive.png"),
-                        title=f"{title}: regressive, {fc.metrics['horizon']} steps "
-                              f"(MSE {fc.metrics['regressive']['mse']:.4g})",
-                        label="regressive forecast", context=cfg.time_steps, ylabel=series.column)
+    metrics, out = forecast_run(run_dir, data, column, horizon, cache, out, note=lambda t: click.echo(t, err=True))
     from .report import markdown_table
 
-    b, r = fc.metrics["batch"], fc.metrics["regressive"]
+    b, r = metrics["batch"], metrics["regressive"]
     click.echo(markdown_table(["forecast", "steps", "MSE", "MAE"],
                               [["one-step (batch)", b["points"], b["mse"], b["mae"]],
-                               [f"regressive{' (cached)' if fc.metrics['cache'] else ''}", fc.metrics["horizon"],
+                               [f"regressive{' (cached)' if metrics['cache'] else ''}", metrics["horizon"],
                                 r["mse"], r["mae"]]]))
     click.echo(f"written to {out}")
 

@@ -1,18 +1,11 @@
-"""Run configuration and atomic file writes.
-
-Every file vqext writes goes through :func:`atomic_write_bytes`: the bytes land in a temporary
-file in the same directory, are flushed to disk, and replace the target with ``os.replace`` (atomic
-on POSIX and Windows). A reader, or a process killed mid-write, never sees half a file.
-"""
+"""Run configuration: what determines a run, the names of a run directory's files, and where
+new run directories go."""
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import json
 import os
-import tempfile
 from dataclasses import dataclass, field
-from typing import Any
 
 from .errors import ConfigError
 
@@ -20,41 +13,6 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 HISTORY_FILE = "metrics.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
-
-
-# ------------------------------------------------------------------------------- atomic writes
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n")
-
-
-def atomic_savefig(fig, path: str, **kwargs) -> None:
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", **kwargs)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 # ------------------------------------------------------------------------------- configuration
@@ -75,9 +33,9 @@ class RunConfig:
     split: str = "random"
     val_fraction: float = 0.2
     split_seed: int = 42
-    positions: str = "window"   # "window": each window starts at position 0 (the seed); "series"
+    positions: str = "window"   # "window": each window starts at position 0 (the log); "series"
     device: str = "auto"
-    # Training objective and schedule (vqext/objectives.py). These defaults are the seed's plain
+    # Training objective and schedule (vqext/objectives.py). These defaults are the log's plain
     # training; an architecture's ``recommended_training`` replaces them where the user gives none.
     lr_schedule: str = "constant"  # or "cosine" (after a linear warmup of ``warmup`` x all steps)
     warmup: float = 0.0
@@ -125,7 +83,7 @@ class RunConfig:
         return cls(**d)
 
     def label(self, data_label: str) -> str:
-        """The seed's naming: ``mhvqlnmlp_rope_vs512_dm64_nh8_y_w_ts96_lr0.007`` (+ seed)."""
+        """The log's naming: ``mhvqlnmlp_rope_vs512_dm64_nh8_y_w_ts96_lr0.007`` (+ seed)."""
         h = self.hparams
         parts = [self.arch]
         if self.pe != "none":
@@ -151,7 +109,7 @@ class RunConfig:
 
 LR_SCHEDULES = ("constant", "cosine")
 #: Training settings the user may leave to the architecture (``recommended_training``), with
-#: vqext's generic defaults (the seed's training).
+#: vqext's generic defaults (the log's training).
 TRAINING_DEFAULTS = dict(epochs=50, lr=0.007, batch_size=32, lr_schedule="constant", warmup=0.0, grad_clip=0.0,
                          input_noise=0.0, last_weight=0.0, last_k=16, pushforward=0)
 
@@ -175,7 +133,7 @@ def resolve_training(arch: str, **given) -> dict:
 
 
 def training_tags(cfg: "RunConfig") -> list[str]:
-    """Label parts for training settings that differ from the seed's plain training."""
+    """Label parts for training settings that differ from the log's plain training."""
     tags = []
     if cfg.lr_schedule != "constant":
         tags.append(f"{cfg.lr_schedule}{cfg.warmup:g}" if cfg.warmup else cfg.lr_schedule)
@@ -222,15 +180,3 @@ def new_run_dir(root: str, label: str) -> str:
         except FileExistsError:
             continue
     raise ConfigError(f"cannot create a run directory under {parent}")
-
-
-def read_json(path: str, what: str = "file") -> Any:
-    from .errors import DataError
-
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except FileNotFoundError:
-        raise DataError(f"{what} not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{what} {path} is corrupted ({exc})") from None

@@ -69,7 +69,7 @@ def load_series(spec: str | None = None, column: str | int | None = None) -> Ser
 
 
 def series_label(path: str) -> str:
-    """``../shared/data/y+w.csv`` -> ``y_w`` (the seed's naming)."""
+    """``../shared/data/y+w.csv`` -> ``y_w`` (the log's naming)."""
     stem = os.path.splitext(os.path.basename(path))[0]
     return "".join(c if c.isalnum() else "_" for c in stem).strip("_") or "data"
 
@@ -204,7 +204,7 @@ def check_length(n: int, time_steps: int, source: str = "series") -> None:
 
 
 def default_time_steps(n: int) -> int:
-    """The seed's 96 when the series is long enough for it, else a quarter of the series."""
+    """The log's 96 when the series is long enough for it, else a quarter of the series."""
     return 96 if n >= 3 * 96 else max(1, n // 4)
 
 
@@ -221,7 +221,7 @@ def split_indices(n: int, val_fraction: float = 0.2, mode: str = "random", seed:
     """Train / validation window indices.
 
     ``random`` matches ``torch.utils.data.random_split(range(n), [1 - f, f], generator seeded)``
-    (the seed's split: a random 80/20 of the windows with seed 42). ``chronological`` puts the
+    (the log's split: a random 80/20 of the windows with seed 42). ``chronological`` puts the
     last windows in validation.
     """
     if not 0 < val_fraction < 1:

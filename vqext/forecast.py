@@ -3,7 +3,7 @@
 Positions (``start_pos``), for a series ``v[0..n-1]`` and window length ``T``:
 
 * Training / one-step windows: the window starting at series index ``i`` gets ``start_pos = 0``
-  when the run uses ``positions="window"`` (the seed's behaviour and the default: every window
+  when the run uses ``positions="window"`` (the log's behaviour and the default: every window
   is seen at positions ``0..T-1``) and ``start_pos = i`` with ``positions="series"``.
 * Regressive, recomputing: the prediction of point ``t`` (``t >= T``) runs the model on the
   window ``v[t-T..t-1]`` (true values, then its own predictions) with ``start_pos`` as above
@@ -28,9 +28,6 @@ import torch
 
 from .data import Normalizer
 
-RELATIVE_PES = ("none", "rope")
-
-
 def model_device(model) -> torch.device:
     """Where the model's tensors live (the CPU for a model without any, e.g. a naive baseline)."""
     for t in itertools.chain(model.parameters(), model.buffers()):
@@ -39,21 +36,20 @@ def model_device(model) -> torch.device:
 
 
 def pe_is_absolute(pe: str) -> bool:
-    """Added position tables (randn, sinpe, plugins of mode "add") are absolute; rope and none are not."""
-    if pe in RELATIVE_PES:
-        return False
+    """Whether the encoding's class says attention sees absolute positions (``relative`` is False)."""
     try:
         from .registry import get_pe
 
-        return getattr(get_pe(pe), "mode", "add") != "rotate"
+        cls = get_pe(pe)
     except Exception:  # noqa: BLE001 - an unknown encoding: assume the worst
         return True
+    return not getattr(cls, "relative", getattr(cls, "mode", "add") in ("identity", "rotate"))
 
 
 @torch.no_grad()
 def _translation_invariant(model, time_steps: int) -> bool:
     """Whether shifting a window's positions leaves the last output unchanged (attention that only
-    sees position differences). The seed's per-step models with rope are not: they see position t."""
+    sees position differences). The log's per-step models with rope are not: they see position t."""
     g = torch.Generator().manual_seed(0)
     device = model_device(model)
     x = torch.randn(1, time_steps, 1, generator=g).to(device)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import atomic_savefig
+from .io import atomic_savefig
 
 
 def _plt():
