@@ -1,8 +1,11 @@
+import os
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
-from vqext.data import (Normalizer, load_series, make_windows, noise_floor, parse_csv_text, prepare,
+from vqext.data import (DataWarning, Normalizer, load_series, make_windows, noise_floor, parse_csv_text, prepare,
                         split_indices)
 from vqext.errors import DataError
 
@@ -36,7 +39,7 @@ def test_csv_header_optional_and_column_choice(tmp_path):
     ("a,b\n1,2\n3,inf\n", "b", "NaN/inf"),
     ("a,b\n1,2\n", "c", "no column 'c'"),
     ("a,b\n1,2\n", 5, "out of range"),
-    ("a,b\nx,y\n", None, "no column is entirely numeric"),
+    ("a,b\nx,y\n", None, "no column holds numbers \\(last column: line 2, column .b.: .y. is not a number\\)"),
     ("a,b\n1,2\n3\n", "b", "line 3 has no value"),
 ])
 def test_csv_errors_are_clear(text, column, message):
@@ -89,11 +92,61 @@ def test_normalisation_uses_the_series_statistics():
     z = ds.normalizer.encode(s.values)
     assert abs(z.mean()) < 1e-9 and abs(z.std() - 1) < 1e-9
     assert np.allclose(ds.normalizer.decode(z), s.values)
-    assert Normalizer.fit(np.full(5, 2.0)).std == 1.0  # constant series: no division by zero
+    with pytest.warns(DataWarning, match="constant"):
+        assert Normalizer.fit(np.full(5, 2.0)).std == 1.0  # constant series: no division by zero
 
 
 def test_noise_floor_of_white_noise_is_its_variance():
     rng = np.random.default_rng(0)
     v = 0.01 * np.arange(2000) + rng.standard_normal(2000)
     nf = noise_floor(v)
-    assert 0.8 < nf["variance"] < 1.1 and nf["window"] % 2 == 1
+    assert 0.9 < nf["variance"] < 1.1 and nf["window"] == 32 and nf["method"] == "ar"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_noise_floor_of_a_noisy_sine_is_the_noise_variance(seed):
+    # The old centred moving average (20 points here) smeared the sine itself into the "noise":
+    # it reported ~0.33 for noise of variance 0.0025.
+    rng = np.random.default_rng(seed)
+    t = np.arange(400)
+    v = np.sin(2 * np.pi * t / 25) + 0.05 * rng.standard_normal(400)
+    assert abs(noise_floor(v)["variance"] / 0.0025 - 1) < 0.3
+    assert abs(noise_floor(load_series("synthetic:sine").values)["variance"] / 0.0025 - 1) < 0.3
+
+
+def test_noise_floor_of_a_random_walk_is_its_step_variance():
+    rng = np.random.default_rng(3)
+    v = np.cumsum(2.0 * rng.standard_normal(1000))
+    assert abs(noise_floor(v)["variance"] / 4.0 - 1) < 0.2
+    assert np.isnan(noise_floor(np.arange(8.0))["variance"])  # too short to estimate
+
+
+@pytest.mark.parametrize("name", ["y+w.csv", "w+y.csv"])
+def test_noise_floor_of_the_seed_series_sits_between_difference_estimates(name):
+    path = f"/work/shared/data/{name}"
+    if not os.path.exists(path):
+        pytest.skip("seed data not present")
+    v = load_series(path).values
+    floor = noise_floor(v)["variance"]
+    # white-noise estimates from first and second differences bracket it within 25 %
+    lo, hi = np.var(np.diff(v, 2)) / 6, np.var(np.diff(v)) / 2
+    assert 0.75 * min(lo, hi) < floor < 1.25 * max(lo, hi)
+
+
+def test_tiny_spread_is_normalised_with_its_true_std_and_a_warning():
+    rng = np.random.default_rng(0)
+    v = 1e-300 * rng.standard_normal(50)
+    with pytest.warns(DataWarning, match=r"tiny spread \(std 9\.\d+e-301\): squared errors underflow"):
+        norm = Normalizer.fit(v, "tiny.csv")
+    assert norm.std == pytest.approx(np.std(v / 1e-300) * 1e-300, rel=1e-12)  # not the constant-series 1.0
+    assert abs(np.std(norm.encode(v)) - 1) < 1e-9
+
+
+def test_relative_tiny_spread_and_constant_series_warn():
+    with pytest.warns(DataWarning, match=r"s\.csv varies by std 1e-08 around a mean of 1e\+06"):
+        Normalizer.fit(1e6 + 1e-8 * np.array([1.0, -1.0, 1.0, -1.0]), "s.csv")
+    with pytest.warns(DataWarning, match="is constant"):
+        assert Normalizer.fit(np.full(5, 2.0)).std == 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an ordinary series: not a word
+        Normalizer.fit(load_series("bundled:airline").values)
