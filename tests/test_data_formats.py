@@ -243,7 +243,7 @@ def test_duplicated_header_names_are_ambiguous(tmp_path):
 @pytest.mark.parametrize("sep,word", [(";", "semicolon"), ("\t", "tab")])
 def test_semicolon_and_tab_files_are_detected_and_announced(tmp_path, sep, word):
     p = write(tmp_path, f"t{sep}v\n1{sep}2.5\n2{sep}3.5\n")
-    with pytest.warns(DataWarning, match=f"line 1 has no comma but 1 {word}s; reading it as {word}-separated"):
+    with pytest.warns(DataWarning, match=f"the first line has no comma but 1 {word}s; reading it as {word}-separated"):
         s = load_series(p)
     assert s.values.tolist() == [2.5, 3.5]
 
@@ -276,6 +276,15 @@ def test_every_error_names_file_line_and_column(tmp_path, text, column, message)
     with pytest.raises(DataError, match=message) as info:
         load_series(p, column)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("text", [
+    'v\n1\n""\n  \n\n2\nx\n',           # typed read: '""' and spaces are rows, the empty line is not
+    '\n\nt,v\n1,2\n3\n\n"a\nb",2\n4,x\n',  # a short row: the text read; a quoted line break
+])
+def test_line_numbers_are_physical_lines(text):
+    with pytest.raises(DataError, match=f"line {text.count(chr(10))}, column 'v': 'x' is not a number"):
+        parse_csv_text(text, fill="zero", source="f.csv")
 
 
 def test_bad_options_are_errors(tmp_path):
