@@ -13,12 +13,11 @@ from setuptools import setup
 try:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-except ImportError:  # pragma: no cover - only hit by a misconfigured install
-    sys.exit(
-        "vqext: torch must be installed before vqext is built, and the build must see it.\n"
-        "  pip install torch==2.13.0 && pip install --no-build-isolation .\n"
-        "(build isolation would compile against a different torch than the one you run.)"
-    )
+except ImportError as err:  # pragma: no cover - only hit by a misconfigured install
+    # Under pip's build isolation _build/vqext_build_backend.py has already put the environment's
+    # torch on sys.path (or stopped with this same advice).
+    sys.exit(f"vqext: cannot import torch for the build ({err}); "
+             "install torch first (pip install torch==2.13.0), then pip install .")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
