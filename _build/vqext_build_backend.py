@@ -25,13 +25,10 @@ Front-ends that build in a throwaway virtual environment of their own (``python 
 ``uv``) run the hooks with that environment's interpreter, which has no torch; they then fail with
 the one-line message below and work with their ``--no-build-isolation`` option.
 """
-import functools
 import importlib.util
 import os
 import subprocess
 import sys
-
-from setuptools import build_meta as _setuptools
 
 INSTALL_HINT = "install torch first (pip install torch==2.13.0), then pip install ."
 
@@ -83,20 +80,23 @@ def ensure_torch_importable() -> None:
     print(f"vqext: building against torch {version} from {directory}", file=sys.stderr)
 
 
-def _with_torch(hook):
-    @functools.wraps(hook)
-    def wrapped(*args, **kwargs):
+def _setuptools_hook(name: str):
+    # setuptools is imported inside the hook so the locating logic above can be imported (and
+    # tested) where setuptools is not installed.
+    def hook(*args, **kwargs):
         ensure_torch_importable()
-        return hook(*args, **kwargs)
-    return wrapped
+        from setuptools import build_meta
+        return getattr(build_meta, name)(*args, **kwargs)
+    hook.__name__ = hook.__qualname__ = name
+    return hook
 
 
 # Every setuptools hook runs setup.py, which imports torch, so every hook gets the same preparation.
-get_requires_for_build_wheel = _with_torch(_setuptools.get_requires_for_build_wheel)
-get_requires_for_build_sdist = _with_torch(_setuptools.get_requires_for_build_sdist)
-get_requires_for_build_editable = _with_torch(_setuptools.get_requires_for_build_editable)
-prepare_metadata_for_build_wheel = _with_torch(_setuptools.prepare_metadata_for_build_wheel)
-prepare_metadata_for_build_editable = _with_torch(_setuptools.prepare_metadata_for_build_editable)
-build_wheel = _with_torch(_setuptools.build_wheel)
-build_sdist = _with_torch(_setuptools.build_sdist)
-build_editable = _with_torch(_setuptools.build_editable)
+get_requires_for_build_wheel = _setuptools_hook("get_requires_for_build_wheel")
+get_requires_for_build_sdist = _setuptools_hook("get_requires_for_build_sdist")
+get_requires_for_build_editable = _setuptools_hook("get_requires_for_build_editable")
+prepare_metadata_for_build_wheel = _setuptools_hook("prepare_metadata_for_build_wheel")
+prepare_metadata_for_build_editable = _setuptools_hook("prepare_metadata_for_build_editable")
+build_wheel = _setuptools_hook("build_wheel")
+build_sdist = _setuptools_hook("build_sdist")
+build_editable = _setuptools_hook("build_editable")
