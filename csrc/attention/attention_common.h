@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace vqext {
@@ -53,6 +54,23 @@ inline AttentionShape check_attention(const at::Tensor& q, const at::Tensor& k, 
   TORCH_CHECK(s.Hk > 0 && s.Hq % s.Hk == 0, "q heads ", s.Hq, " must be a multiple of k heads ", s.Hk);
   s.group = s.Hq / s.Hk;
   return s;
+}
+
+// The backward's extra inputs: grad_out and out with q's shape, lse with shape (B, Hq, Tq), all
+// on q's device (the kernels read them through raw pointers). Any floating dtype: the backward
+// converts them.
+inline void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& lse,
+                                  const at::Tensor& q) {
+  TORCH_CHECK(grad_out.sizes() == q.sizes(), "grad_out must have q's shape ", q.sizes(), ", got ", grad_out.sizes());
+  TORCH_CHECK(out.sizes() == q.sizes(), "out must have q's shape ", q.sizes(), ", got ", out.sizes());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
+              "lse must have shape (B, Hq, Tq) = (", q.size(0), ", ", q.size(1), ", ", q.size(2), "), got ",
+              lse.sizes());
+  const std::pair<const char*, const at::Tensor*> named[] = {{"grad_out", &grad_out}, {"out", &out}, {"lse", &lse}};
+  for (const auto& [name, t] : named) {
+    TORCH_CHECK(t->device() == q.device(), name, " must be on q's device ", q.device(), ", got ", t->device());
+    TORCH_CHECK(t->is_floating_point(), name, " must be a floating-point tensor, got ", t->scalar_type());
+  }
 }
 
 }  // namespace attention

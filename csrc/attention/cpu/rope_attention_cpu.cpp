@@ -225,10 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_bwd_cpu(
   pr.kv_grad = kv_grad;
   TORCH_CHECK(q_in.scalar_type() == at::kFloat || q_in.scalar_type() == at::kDouble,
               "rope_attention on CPU takes float32 or float64, got ", q_in.scalar_type());
-  TORCH_CHECK(gout_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
-              "grad_out and out must have q's shape");
-  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == pr.B && lse_in.size(1) == pr.Hq && lse_in.size(2) == pr.Tq,
-              "lse must have shape (B, Hq, Tq)");
+  check_backward_inputs(gout_in, out_in, lse_in, q_in);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const at::Tensor gout = gout_in.to(q.scalar_type()).contiguous();
   const at::Tensor lse = lse_in.to(q.scalar_type()).contiguous();

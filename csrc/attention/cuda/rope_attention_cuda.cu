@@ -9,33 +9,13 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <cuda_runtime.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <limits>
 
+#include "../../common/cuda_compat.h"
 #include "../attention_common.h"
-
-// A CUDA build of torch ships c10/cuda (current stream, device guard). The CPU wheel used by the
-// compile-only CI check lacks its generated macros header, so there the kernels compile against the
-// default stream; such an object is never linked into a CUDA-enabled extension.
-#if __has_include(<c10/cuda/impl/cuda_cmake_macros.h>)
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#define VQEXT_DEVICE_GUARD(dev) const c10::cuda::CUDAGuard vqext_device_guard(dev)
-#define VQEXT_STREAM() c10::cuda::getCurrentCUDAStream().stream()
-#define VQEXT_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
-#else
-#define VQEXT_DEVICE_GUARD(dev) (void)(dev)
-#define VQEXT_STREAM() static_cast<cudaStream_t>(nullptr)
-#define VQEXT_LAUNCH_CHECK()                                                       \
-  do {                                                                             \
-    const cudaError_t vqext_err = cudaGetLastError();                              \
-    TORCH_CHECK(vqext_err == cudaSuccess, "CUDA error: ", cudaGetErrorString(vqext_err)); \
-  } while (0)
-#endif
 
 namespace vqext {
 namespace attention {
@@ -50,6 +30,17 @@ struct Params {
   const int64_t* k_offsets;
   int64_t q_offsets_n, k_offsets_n;
 };
+
+// A block of the forward and dq kernels: kThreads consecutive query rows of one (batch, head).
+// Blocks are numbered tile-fastest, then head, then batch (cuda::launch_flat).
+struct RowBlock {
+  int64_t tile, h, b;
+};
+__device__ __forceinline__ RowBlock row_block(int64_t blk, int64_t rows, int64_t heads, int rows_per_block) {
+  const int64_t tiles = (rows + rows_per_block - 1) / rows_per_block;
+  const int64_t bh = blk / tiles;
+  return {blk - bh * tiles, bh % heads, bh / heads};
+}
 
 __device__ __forceinline__ int64_t start_pos(int64_t base, const int64_t* per_batch, int64_t n, int64_t b) {
   return base + (per_batch ? per_batch[n == 1 ? 0 : b] : 0);
@@ -141,7 +132,7 @@ constexpr int kThreads = 64;
 template <typename T, typename A, int DMAX>
 __global__ void __launch_bounds__(kThreads) forward_kernel(Params p, const T* __restrict__ q, const T* __restrict__ k,
                                                            const T* __restrict__ v, T* __restrict__ out,
-                                                           A* __restrict__ lse) {
+                                                           A* __restrict__ lse, int64_t first_block) {
   constexpr int BK = tile_rows<A>(DMAX);
   __shared__ A Ks[BK][DMAX];
   __shared__ A Vs[BK][DMAX];
@@ -149,9 +140,10 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params p, const T* __
   const int d = static_cast<int>(p.d);
   init_inv_freq(inv_freq, d, p.base);
   __syncthreads();
-  const int64_t b = blockIdx.z, h = blockIdx.y;
+  const RowBlock rb = row_block(cuda::flat_block(first_block), p.Tq, p.Hq, kThreads);
+  const int64_t b = rb.b, h = rb.h;
   const int64_t bk = p.Bk == 1 ? 0 : b, hk = h / p.group;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t i = rb.tile * kThreads + threadIdx.x;
   const bool active = i < p.Tq;
   const int64_t qs = start_pos(p.q_offset, p.q_offsets, p.q_offsets_n, b);
   const int64_t ks = start_pos(p.k_offset, p.k_offsets, p.k_offsets_n, b);
@@ -161,7 +153,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params p, const T* __
 #pragma unroll
   for (int c = 0; c < DMAX; ++c) acc[c] = 0;
   A m = neg_inf<A>(), l = 0;
-  const int64_t last = std::min<int64_t>(p.Tq, static_cast<int64_t>(blockIdx.x + 1) * kThreads) - 1;
+  const int64_t last = std::min<int64_t>(p.Tq, (rb.tile + 1) * kThreads) - 1;
   int64_t kend = p.Tk;
   if (p.causal) kend = std::max<int64_t>(0, std::min<int64_t>(p.Tk, qs + last - ks + 1));
   const T* kbase = k + (bk * p.Hk + hk) * p.Tk * d;
@@ -209,7 +201,10 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params p, const T* __
   }
   if (!active) return;
   T* orow = out + row * d;
-  if (l > A(0)) {
+  // l is 0 when the row sees no key (zeros, lse -inf) and NaN when one of its scores was NaN or
+  // inf - inf arose in the softmax: that row comes out NaN with lse NaN, as in the reference and
+  // the CPU kernels, and its backward gives NaN (never inf) in dq and the dk, dv it reaches.
+  if (l != A(0)) {
     const A inv = A(1) / l;
 #pragma unroll
     for (int c = 0; c < DMAX; ++c)
@@ -229,7 +224,7 @@ template <typename T, typename A, int DMAX>
 __global__ void __launch_bounds__(kThreads) dq_kernel(Params p, const T* __restrict__ gout, const T* __restrict__ q,
                                                       const T* __restrict__ k, const T* __restrict__ v,
                                                       const A* __restrict__ lse, const A* __restrict__ Drow,
-                                                      T* __restrict__ dq) {
+                                                      T* __restrict__ dq, int64_t first_block) {
   constexpr int BK = tile_rows<A>(DMAX);
   __shared__ A Ks[BK][DMAX];
   __shared__ A Vs[BK][DMAX];
@@ -237,9 +232,10 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(Params p, const T* __restr
   const int d = static_cast<int>(p.d);
   init_inv_freq(inv_freq, d, p.base);
   __syncthreads();
-  const int64_t b = blockIdx.z, h = blockIdx.y;
+  const RowBlock rb = row_block(cuda::flat_block(first_block), p.Tq, p.Hq, kThreads);
+  const int64_t b = rb.b, h = rb.h;
   const int64_t bk = p.Bk == 1 ? 0 : b, hk = h / p.group;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t i = rb.tile * kThreads + threadIdx.x;
   const bool active = i < p.Tq;
   const int64_t qs = start_pos(p.q_offset, p.q_offsets, p.q_offsets_n, b);
   const int64_t ks = start_pos(p.k_offset, p.k_offsets, p.k_offsets_n, b);
@@ -254,7 +250,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(Params p, const T* __restr
   }
 #pragma unroll
   for (int c = 0; c < DMAX; ++c) acc[c] = 0;
-  const int64_t last = std::min<int64_t>(p.Tq, static_cast<int64_t>(blockIdx.x + 1) * kThreads) - 1;
+  const int64_t last = std::min<int64_t>(p.Tq, (rb.tile + 1) * kThreads) - 1;
   int64_t kend = p.Tk;
   if (p.causal) kend = std::max<int64_t>(0, std::min<int64_t>(p.Tk, qs + last - ks + 1));
   const T* kbase = k + (bk * p.Hk + hk) * p.Tk * d;
@@ -309,7 +305,8 @@ template <typename T, typename A, int DMAX>
 __global__ void __launch_bounds__(kThreads) dkv_kernel(Params p, const T* __restrict__ gout, const T* __restrict__ q,
                                                        const T* __restrict__ k, const T* __restrict__ v,
                                                        const A* __restrict__ lse, const A* __restrict__ Drow,
-                                                       A* __restrict__ dk_acc, T* __restrict__ dv) {
+                                                       A* __restrict__ dk_acc, T* __restrict__ dv,
+                                                       int64_t first_block) {
   constexpr int BQ = tile_rows<A>(DMAX);
   __shared__ A Qs[BQ][DMAX];
   __shared__ A dOs[BQ][DMAX];
@@ -318,9 +315,10 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(Params p, const T* __rest
   const int d = static_cast<int>(p.d);
   init_inv_freq(inv_freq, d, p.base);
   __syncthreads();
-  const int64_t bk = blockIdx.z, hk = blockIdx.y;
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  const int64_t jfirst = static_cast<int64_t>(blockIdx.x) * kThreads;
+  const RowBlock rb = row_block(cuda::flat_block(first_block), p.Tk, p.Hk, kThreads);
+  const int64_t bk = rb.b, hk = rb.h;
+  const int64_t jfirst = rb.tile * kThreads;
+  const int64_t j = jfirst + threadIdx.x;
   const bool active = j < p.Tk;
   const int64_t krow = (bk * p.Hk + hk) * p.Tk + j;
   A kr[DMAX], vr[DMAX], dkr[DMAX], dvr[DMAX];
@@ -397,9 +395,9 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(Params p, const T* __rest
 template <typename T, typename A>
 __global__ void apply_rope_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int64_t H, int64_t T_,
                                   int d, int64_t offset, const int64_t* offsets, int64_t offsets_n, double base,
-                                  A sign) {
+                                  A sign, int64_t first_block) {
   const int half = d / 2;
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t e = cuda::flat_block(first_block) * blockDim.x + threadIdx.x;
   if (e >= rows * half) return;
   const int64_t r = e / half;
   const int i = static_cast<int>(e % half);
@@ -422,7 +420,6 @@ Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const AttentionShape s = check_attention(q, k, v);
   check_offsets(q_offsets, s.B, q, "q_offset");
   check_offsets(k_offsets, s.B, q, "k_offset");
-  TORCH_CHECK(s.Hq <= 65535 && s.B <= 65535 && s.Hk <= 65535, "rope_attention: batch and head counts must be <= 65535");
   Params p{s.B, s.Hq, s.Tq, s.Bk, s.Hk, s.Tk, s.d, s.group, causal, rope_q, rope_k, scale, base,
            q_offset, k_offset, nullptr, nullptr, 0, 0};
   if (q_offsets.has_value()) {
@@ -434,6 +431,11 @@ Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     p.k_offsets_n = k_offsets->numel();
   }
   return p;
+}
+
+// Blocks of kThreads rows for `rows` rows of each of batch x heads (row_block decodes them).
+int64_t row_blocks(int64_t batch, int64_t heads, int64_t rows) {
+  return batch * heads * ((rows + kThreads - 1) / kThreads);
 }
 
 template <typename F>
@@ -456,7 +458,7 @@ std::tuple<at::Tensor, at::Tensor> rope_attention_fwd_cuda(const at::Tensor& q_i
                                                            int64_t k_offset, const c10::optional<at::Tensor>& k_offsets,
                                                            bool causal, bool rope_q, bool rope_k, double scale,
                                                            double base) {
-  VQEXT_DEVICE_GUARD(q_in.device());
+  const c10::cuda::CUDAGuard device_guard(q_in.device());
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   c10::optional<at::Tensor> qo, ko;
   if (q_offsets.has_value()) qo = q_offsets->contiguous();
@@ -466,16 +468,15 @@ std::tuple<at::Tensor, at::Tensor> rope_attention_fwd_cuda(const at::Tensor& q_i
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({p.B, p.Hq, p.Tq}, q.options().dtype(stats_type));
   if (q.numel() == 0) return {out, lse};
-  const dim3 grid(static_cast<unsigned>((p.Tq + kThreads - 1) / kThreads), static_cast<unsigned>(p.Hq),
-                  static_cast<unsigned>(p.B));
-  cudaStream_t stream = VQEXT_STREAM();
+  const cudaStream_t stream = cuda::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "rope_attention_fwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
     dispatch_dmax(p.d, [&](auto dm) {
-      forward_kernel<scalar_t, A, decltype(dm)::value><<<grid, kThreads, 0, stream>>>(
-          p, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-          lse.data_ptr<A>());
-      VQEXT_LAUNCH_CHECK();
+      cuda::launch_flat(row_blocks(p.B, p.Hq, p.Tq), [&](int64_t first, unsigned blocks) {
+        forward_kernel<scalar_t, A, decltype(dm)::value><<<blocks, kThreads, 0, stream>>>(
+            p, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+            lse.data_ptr<A>(), first);
+      });
     });
   });
   return {out, lse};
@@ -486,13 +487,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_bwd_cuda(
     const at::Tensor& out_in, const at::Tensor& lse_in, int64_t q_offset, const c10::optional<at::Tensor>& q_offsets,
     int64_t k_offset, const c10::optional<at::Tensor>& k_offsets, bool causal, bool rope_q, bool rope_k, double scale,
     double base, bool kv_grad) {
-  VQEXT_DEVICE_GUARD(q_in.device());
+  const c10::cuda::CUDAGuard device_guard(q_in.device());
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   c10::optional<at::Tensor> qo, ko;
   if (q_offsets.has_value()) qo = q_offsets->contiguous();
   if (k_offsets.has_value()) ko = k_offsets->contiguous();
   const Params p = make_params(q, k, v, q_offset, qo, k_offset, ko, causal, rope_q, rope_k, scale, base);
-  TORCH_CHECK(gout_in.sizes() == q.sizes() && out_in.sizes() == q.sizes(), "grad_out and out must have q's shape");
+  check_backward_inputs(gout_in, out_in, lse_in, q);
   const at::Tensor no_grad = at::empty({0}, k.options());
   const auto stats_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor gout = gout_in.to(q.scalar_type()).contiguous();
@@ -505,24 +506,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_bwd_cuda(
   if (q.numel() == 0 || k.numel() == 0)
     return kv_grad ? std::make_tuple(dq.zero_(), dk_acc.to(k.scalar_type()), dv.zero_())
                    : std::make_tuple(dq.zero_(), no_grad, no_grad);
-  cudaStream_t stream = VQEXT_STREAM();
-  const dim3 grid_q(static_cast<unsigned>((p.Tq + kThreads - 1) / kThreads), static_cast<unsigned>(p.Hq),
-                    static_cast<unsigned>(p.B));
-  const dim3 grid_k(static_cast<unsigned>((p.Tk + kThreads - 1) / kThreads), static_cast<unsigned>(p.Hk),
-                    static_cast<unsigned>(p.Bk));
+  const cudaStream_t stream = cuda::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "rope_attention_bwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
     dispatch_dmax(p.d, [&](auto dm) {
       constexpr int DMAX = decltype(dm)::value;
-      dq_kernel<scalar_t, A, DMAX><<<grid_q, kThreads, 0, stream>>>(
-          p, gout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-          lse.data_ptr<A>(), Drow.data_ptr<A>(), dq.data_ptr<scalar_t>());
-      VQEXT_LAUNCH_CHECK();
+      cuda::launch_flat(row_blocks(p.B, p.Hq, p.Tq), [&](int64_t first, unsigned blocks) {
+        dq_kernel<scalar_t, A, DMAX><<<blocks, kThreads, 0, stream>>>(
+            p, gout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+            lse.data_ptr<A>(), Drow.data_ptr<A>(), dq.data_ptr<scalar_t>(), first);
+      });
       if (!kv_grad) return;
-      dkv_kernel<scalar_t, A, DMAX><<<grid_k, kThreads, 0, stream>>>(
-          p, gout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-          lse.data_ptr<A>(), Drow.data_ptr<A>(), dk_acc.data_ptr<A>(), dv.data_ptr<scalar_t>());
-      VQEXT_LAUNCH_CHECK();
+      cuda::launch_flat(row_blocks(p.Bk, p.Hk, p.Tk), [&](int64_t first, unsigned blocks) {
+        dkv_kernel<scalar_t, A, DMAX><<<blocks, kThreads, 0, stream>>>(
+            p, gout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+            lse.data_ptr<A>(), Drow.data_ptr<A>(), dk_acc.data_ptr<A>(), dv.data_ptr<scalar_t>(), first);
+      });
     });
   });
   if (!kv_grad) return {dq, no_grad, no_grad};
@@ -533,7 +532,7 @@ at::Tensor apply_rope_cuda(const at::Tensor& x_in, int64_t offset, const c10::op
                            double base, bool inverse) {
   TORCH_CHECK(x_in.dim() == 3 || x_in.dim() == 4, "x must have 3 (B, T, d) or 4 (B, H, T, d) dims, got ", x_in.dim());
   TORCH_CHECK(x_in.is_floating_point(), "x must be a floating-point tensor, got ", x_in.scalar_type());
-  VQEXT_DEVICE_GUARD(x_in.device());
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const int64_t d = x.size(-1);
   TORCH_CHECK(d % 2 == 0, "x's last dim (d) must be even, got ", d);
@@ -545,15 +544,15 @@ at::Tensor apply_rope_cuda(const at::Tensor& x_in, int64_t offset, const c10::op
   const int64_t rows = B * H * T, n = rows * (d / 2);
   if (n == 0) return y;
   const int threads = 256;
-  const int64_t blocks = (n + threads - 1) / threads;
-  cudaStream_t stream = VQEXT_STREAM();
+  const cudaStream_t stream = cuda::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "apply_rope_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
-    apply_rope_kernel<scalar_t, A><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rows, H, T, static_cast<int>(d), offset,
-        offs.has_value() ? offs->data_ptr<int64_t>() : nullptr, offs.has_value() ? offs->numel() : 0, base,
-        inverse ? A(-1) : A(1));
-    VQEXT_LAUNCH_CHECK();
+    cuda::launch_flat((n + threads - 1) / threads, [&](int64_t first, unsigned blocks) {
+      apply_rope_kernel<scalar_t, A><<<blocks, threads, 0, stream>>>(
+          x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rows, H, T, static_cast<int>(d), offset,
+          offs.has_value() ? offs->data_ptr<int64_t>() : nullptr, offs.has_value() ? offs->numel() : 0, base,
+          inverse ? A(-1) : A(1), first);
+    });
   });
   return y;
 }
