@@ -46,10 +46,10 @@ def _deterministic_seed():
 
 
 def devices():
-    """CPU always; CUDA when a device is present and the extension was compiled with it."""
+    """CPU always; CUDA when a device is present, marked `cuda` (`pytest -m cuda` selects it)."""
     devs = ["cpu"]
     if torch.cuda.is_available():
-        devs.append("cuda")
+        devs.append(pytest.param("cuda", marks=pytest.mark.cuda))
     return devs
 
 

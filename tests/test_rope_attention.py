@@ -223,6 +223,7 @@ def test_device_mix():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_half_precision(dtype):
     q, k, v = _inputs(2, 4, 70, 2, 2, 70, 64, dtype=torch.float32, device="cuda", grad=False)

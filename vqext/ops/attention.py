@@ -116,9 +116,10 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     Offsets are Python ints or per-batch integer tensors. ``scale`` defaults to ``1/sqrt(d)``.
 
     Non-finite values: rows whose visible keys, own query and head's values are finite are
-    exact. A non-finite value row makes every row of its head non-finite, masked or not (masked
-    weights are 0 and 0 * NaN is NaN). A row whose scores are NaN (NaN or inf in its query or a
-    visible key) is NaN, in the reference and the kernels alike.
+    exact. A non-finite value row makes the rows that see it non-finite; rows that mask it out
+    too in the reference (masked weights are 0 and 0 * NaN is NaN), some of them in the CPU
+    kernels, none on CUDA (docs/reliability.md). A row whose scores are NaN (NaN or inf in its
+    query or a visible key) is NaN, in the reference and the kernels alike.
     """
     _check_tensor("q", q, (4,), "(B, Hq, Tq, d)")
     _check_tensor("k", k, (4,), "(Bk, Hk, Tk, d)")
