@@ -10,6 +10,7 @@ Prints one markdown table: times (ms), GFLOP/s of the attention math, ratio base
 
     python benchmarks/bench_rope_attention.py            # full grid, threads 1 and 2
     python benchmarks/bench_rope_attention.py --quick    # small subset, a few seconds
+    python benchmarks/bench_rope_attention.py --device cuda --quick   # the same on the GPU
 """
 from __future__ import annotations
 
@@ -27,8 +28,14 @@ from vqext.ops import apply_rope_reference, rope_attention
 
 def timeit(fn, min_time: float, reps_max: int = 50) -> float:
     """Median seconds of fn() after one warm-up call; a call slower than min_time is timed once."""
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    sync()
     t0 = time.perf_counter()
     fn()
+    sync()
     warm = time.perf_counter() - t0
     times = []
     start = time.perf_counter()
@@ -36,8 +43,7 @@ def timeit(fn, min_time: float, reps_max: int = 50) -> float:
     while len(times) < want or (time.perf_counter() - start < min_time and len(times) < reps_max):
         t0 = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
