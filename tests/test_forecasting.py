@@ -1,0 +1,137 @@
+"""Forecasting the future (vqext.forecasting): rows after the end, training statistics, direct heads."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import vqext
+from vqext.config import RunConfig
+from vqext.data import Normalizer, Series
+from vqext.errors import ConfigError
+from vqext.forecasting import Fitted, forecast, future_ds, roll
+from vqext.models.base import ForecastModel
+
+
+class Zero(ForecastModel):
+    """Predicts 0 in normalised units: its forecast in original units is the scaler's mean."""
+    def forward(self, x, start_pos=0):
+        return torch.zeros_like(x)
+
+
+class LastPlus(ForecastModel):
+    """Next value = last value + 1 (normalised), so a rollout climbs by one per step."""
+    def forward(self, x, start_pos=0):
+        return x + 1.0
+
+
+def fitted(model, T=4, scalers=None, positions="window"):
+    return Fitted(model, RunConfig(arch="vqformer", pe="none", time_steps=T, positions=positions), scalers or {})
+
+
+def series(uid, values, ds=None):
+    s = Series(np.asarray(values, dtype=np.float64), uid, "test", "y")
+    object.__setattr__(s, "uid", uid)
+    object.__setattr__(s, "ds", ds)
+    return s
+
+
+def test_rows_start_after_the_end_of_each_series():
+    a = series("a", np.arange(10.0))
+    b = series("b", np.arange(7.0), ds=np.arange("2024-01-01", "2024-01-08", dtype="datetime64[D]"))
+    out = forecast(fitted(LastPlus()), [a, b], 3, normalize="series")
+    assert list(out.columns) == ["unique_id", "step", "ds", "y_hat"]
+    fa, fb = out[out.unique_id == "a"], out[out.unique_id == "b"]
+    assert fa.step.tolist() == [1, 2, 3] and fa.ds.tolist() == [10, 11, 12]
+    assert list(pd.to_datetime(fb.ds)) == list(pd.date_range("2024-01-08", periods=3, freq="D"))
+    # the rollout continues from the last point: +1 normalised unit per step
+    sa = Normalizer.fit(np.arange(10.0))
+    np.testing.assert_allclose(fa.y_hat, sa.decode(sa.encode(9.0) + np.arange(1, 4)))
+
+
+def test_future_timestamps_follow_the_spacing():
+    assert future_ds(np.array([3, 5, 7]), 3, 2).tolist() == [9, 11]
+    assert future_ds(None, 5, 2).tolist() == [5, 6]
+    hours = np.arange("2024-01-01T00", "2024-01-01T05", dtype="datetime64[h]")
+    assert list(future_ds(hours, 5, 2)) == list(np.array(["2024-01-01T05", "2024-01-01T06"], dtype="datetime64[ns]"))
+
+
+def test_training_statistics_not_the_future():
+    # The level jumps in the last points: the whole series' mean differs from the training part's.
+    v = np.r_[np.zeros(20), np.full(5, 50.0)]
+    train_stats = Normalizer.fit(v[:20] + 1.0)
+    run = fitted(Zero(), scalers={"a": train_stats})
+    got = forecast(run, [series("a", v)], 2)                      # default: the run's statistics
+    np.testing.assert_allclose(got.y_hat, train_stats.mean)
+    own = forecast(run, [series("a", v)], 2, normalize="series")  # the series' history instead
+    np.testing.assert_allclose(own.y_hat, v.mean())
+    unseen = forecast(run, [series("b", v)], 2)                   # a series the run never saw
+    np.testing.assert_allclose(unseen.y_hat, v.mean())
+
+
+def test_origin_start_is_the_seed_protocol():
+    v = np.arange(12.0)
+    out = forecast(fitted(LastPlus()), [series("a", v)], 5, origin="start")
+    assert out.ds.tolist() == [4, 5, 6, 7, 8]
+    s = Normalizer.fit(v)
+    np.testing.assert_allclose(out.y_hat, s.decode(s.encode(3.0) + np.arange(1, 6)))
+
+
+def test_short_history_is_padded_with_its_first_value():
+    out = forecast(fitted(LastPlus(), T=8), [series("a", [1.0, 2.0, 4.0])], 2, normalize="series")
+    s = Normalizer.fit(np.array([1.0, 2.0, 4.0]))
+    np.testing.assert_allclose(out.y_hat, s.decode(s.encode(4.0) + np.arange(1, 3)))
+    assert out.ds.tolist() == [3, 4]
+
+
+def test_horizon_limits():
+    with pytest.raises(ConfigError, match="--horizon 1000000 is more than 100 window lengths"):
+        forecast(fitted(Zero()), [series("a", np.arange(10.0))], 1_000_000)
+    with pytest.raises(ConfigError, match="positive integer"):
+        forecast(fitted(Zero()), [series("a", np.arange(10.0))], 0)
+    with pytest.raises(ConfigError, match="no direct head"):
+        forecast(fitted(Zero()), [series("a", np.arange(10.0))], 2, method="direct")
+
+
+def tiny_vqformer(T=12, H=0, **kw):
+    torch.manual_seed(0)
+    return vqext.create_model("vqformer", "rope", vocab_size=16, d_model=8, heads=2, depth=1, time_steps=T,
+                              direct_horizon=H, **kw)
+
+
+def test_direct_head_shapes_and_registry():
+    m = tiny_vqformer(H=5)
+    x = torch.randn(3, 12, 1)
+    y, ahead = m(x, direct=True)
+    assert y.shape == (3, 12, 1) and ahead.shape == (3, 5, 1)
+    assert torch.equal(y, m(x))  # the one-step outputs are the same with or without the head
+    assert torch.equal(m.forecast_direct(x, 3), ahead[:, :3])
+    with pytest.raises(ValueError, match="within 1..5"):
+        m.forecast_direct(x, 6)
+    assert tiny_vqformer().direct_horizon == 0 and m.direct_horizon == 5
+    info = {a["name"]: a for a in vqext.registry.describe()["architectures"]}
+    assert info["vqformer"]["supports_direct"] and not info["vqlnmlp"]["supports_direct"]
+    with pytest.raises(ConfigError, match="direct_horizon"):
+        vqext.create_model("vqformer", "rope", direct_horizon=-1)
+
+
+def test_direct_forecast_chains_past_the_head():
+    m = tiny_vqformer(H=4).eval()
+    ctx = np.random.default_rng(0).standard_normal((2, 12))
+    ten = roll(m, ctx, 10, method="direct")
+    with torch.no_grad():
+        first = m.forecast_direct(torch.as_tensor(ctx, dtype=torch.float32).unsqueeze(-1), 4)[..., 0].numpy()
+    np.testing.assert_allclose(ten[:, :4], first, rtol=1e-6)
+    # rollout and the cached rollout agree (depth 1, rope: the cache is exact)
+    a = roll(m, ctx, 6, method="rollout", cache=False, arch="vqformer", pe="rope")
+    b = roll(m, ctx, 6, method="rollout", cache=True, arch="vqformer", pe="rope")
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_rollout_equals_the_single_series_regressive_forecast():
+    from vqext.forecast import regressive
+
+    m = tiny_vqformer().eval()
+    v = np.random.default_rng(1).standard_normal(30)
+    ref = regressive(m, v, 12, horizon=7)
+    got = roll(m, v[None, :12], 7, method="rollout", cache=False)
+    np.testing.assert_allclose(got[0], ref, rtol=1e-6, atol=1e-7)
