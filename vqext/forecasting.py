@@ -122,6 +122,57 @@ class Fitted:
         return forecast(self, data, horizon, **kw)
 
 
+def direct_hparams(arch: str, horizon: int, direct: bool | None) -> dict:
+    """``{"direct_horizon": H}`` when the run should train a direct head, else ``{}``.
+
+    ``direct=None`` (default) trains one wherever the architecture supports it and a horizon is set;
+    True insists (an error if the architecture cannot); False keeps the rollout model.
+    """
+    from .registry import get_arch
+
+    supported = bool(getattr(get_arch(arch), "supports_direct", False))
+    if direct and not supported:
+        raise ConfigError(f"architecture {arch!r} has no direct multi-step head (see `vqext list`); use --rollout")
+    if direct and not horizon:
+        raise ConfigError("--direct needs --horizon H (the steps the head predicts)")
+    return {"direct_horizon": int(horizon)} if horizon and supported and direct is not False else {}
+
+
+def make_config(data=None, *, arch: str | None = None, pe: str | None = None, horizon: int = 0,
+                direct: bool | None = None, time_steps: int | None = None, hparams: dict | None = None,
+                split: str = "tail", **settings):
+    """A :class:`~vqext.config.RunConfig` for forecasting: the recommended model and training, the
+    ``tail`` split (validation: the last ``val_size`` points of each series, default the horizon),
+    training-part statistics and, where the architecture has one, a direct head for ``horizon``.
+
+    ``settings`` are further RunConfig fields (epochs, windows_per_epoch, seed, val_size, ...).
+    """
+    from dataclasses import fields
+
+    from .config import RunConfig, TRAINING_DEFAULTS, resolve_training
+    from .data import default_time_steps
+    from .registry import get_arch, resolve_hparams
+
+    arch = arch or "vqformer"
+    pe = pe or getattr(get_arch(arch), "recommended_pe", None) or "none"
+    names = {f.name for f in fields(RunConfig)}
+    unknown = set(settings) - names
+    if unknown:
+        raise ConfigError(f"make_config: unknown settings {sorted(unknown)}")
+    if time_steps is None:
+        panel = as_panel(data, settings.get("column")) if data is not None else None
+        time_steps = default_time_steps(min(len(s.values) for s in panel) - horizon) if panel is not None else 96
+    user = dict(hparams or {})
+    user.update(direct_hparams(arch, horizon, direct))
+    resolved = resolve_hparams(arch, pe, time_steps=time_steps, **user)
+    training = resolve_training(arch, **{k: settings.pop(k) for k in list(settings) if k in TRAINING_DEFAULTS})
+    source = data if isinstance(data, (str, os.PathLike)) or data is None else getattr(data, "source", None)
+    cfg = RunConfig(arch=arch, pe=pe, hparams=resolved, user_hparams=user, data=source, time_steps=time_steps,
+                    split=split, horizon=int(horizon), **training, **settings)
+    cfg.validate()
+    return cfg
+
+
 def fit(cfg, data, run_dir: str | None = None, *, quiet: bool = True) -> Fitted:
     """Train ``cfg`` on every series of ``data`` (a Panel, a Series or a spec).
 

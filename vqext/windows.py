@@ -44,7 +44,7 @@ def default_normalize(split: str) -> str:
 
 
 def tail_size(n: int, val_size: int | None, val_fraction: float, horizon: int) -> int:
-    """Validation points of a series of ``n`` points: ``val_size``, else the horizon, else a fraction."""
+    """Validation points of a series of ``n`` points: ``val_size``, else the forecast horizon, else a fraction."""
     if val_size is not None:
         return int(val_size)
     if horizon:
@@ -68,6 +68,11 @@ class WindowSet:
     train_idx: torch.Tensor     # window ids to train on
     val_idx: torch.Tensor       # window ids to validate on
     val_last_only: bool         # validation scores only the targets in the tail (split "tail")
+
+    @property
+    def normalizer(self) -> Normalizer | None:
+        """The one scaler of a single-series set (what single-series reports show), else None."""
+        return next(iter(self.scalers.values())) if len(self.scalers) == 1 else None
 
     def local_start(self, ids: torch.Tensor) -> torch.Tensor:
         """Position of each window's first step within its own series."""
@@ -115,8 +120,12 @@ def series_uid(series, index: int) -> str:
 
 def build(panel, time_steps: int, *, split: str = "random", normalize: str | None = None,
           val_fraction: float = 0.2, split_seed: int = 42, val_size: int | None = None,
-          horizon: int = 0) -> WindowSet:
-    """Windows of every series of ``panel`` (anything iterable over objects with ``values``)."""
+          horizon: int = 0, forecast_horizon: int = 0) -> WindowSet:
+    """Windows of every series of ``panel`` (anything iterable over objects with ``values``).
+
+    ``horizon``: direct targets per window (the model's direct head; 0 = none). ``forecast_horizon``:
+    the horizon the run is for, the default validation tail (else ``horizon``, else ``val_fraction``).
+    """
     if split not in SPLITS:
         raise DataError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     normalize = normalize or default_normalize(split)
@@ -139,7 +148,7 @@ def build(panel, time_steps: int, *, split: str = "random", normalize: str | Non
         if uid in scalers:
             raise DataError(f"series id {uid!r} appears twice in {getattr(panel, 'source', 'the data')}")
         if split == "tail":
-            tail = tail_size(n, val_size, val_fraction, H)
+            tail = tail_size(n, val_size, val_fraction, forecast_horizon or H)
             n_train = n - tail
             local_train = np.arange(0, max(0, n_train - T - reach + 1))
             # Each validation window predicts from the T points before the tail point it starts at.
@@ -181,7 +190,7 @@ def build(panel, time_steps: int, *, split: str = "random", normalize: str | Non
                         f"needs {T + reach} (--time-steps {T}{f' + --horizon {H}' if H else ' + 1'}); the shortest "
                         f"series has {shortest}; lower --time-steps or --val-size")
     if len(val_idx) == 0:
-        if split == "tail" and not any(tail_size(n, val_size, val_fraction, H) for n in lengths):
+        if split == "tail" and val_size == 0:
             pass  # --val-size 0: train on everything, no validation
         else:
             raise DataError(f"no validation windows: every series is too short for --time-steps {T} with its "
