@@ -188,7 +188,7 @@ def fit(cfg, data, run_dir: str | None = None, *, quiet: bool = True) -> Fitted:
 
 def load(run_dir: str) -> Fitted:
     """A :class:`Fitted` from a run directory (scalers from its checkpoint; none for older runs)."""
-    from .train import load_run
+    from .checkpoint import load_run
     from .windows import scalers_from_dict
 
     cfg, model, ckpt = load_run(run_dir)

@@ -90,8 +90,13 @@ class WindowSet:
 
     @property
     def x(self):
-        """Indexable view ``x[ids]`` of inputs (what reports read for codebook usage)."""
-        return _Inputs(self)
+        """Indexable view: ``x[ids]`` gathers those windows' inputs (what reports read)."""
+        return _View(self, 0)
+
+    @property
+    def y(self):
+        """Indexable view: ``y[ids]`` gathers those windows' one-step targets."""
+        return _View(self, 1)
 
     def scalers_table(self) -> str:
         """CSV (unique_id, mean, std, train_points, points) of every series' scaling."""
@@ -104,12 +109,12 @@ class WindowSet:
         return buf.getvalue()
 
 
-class _Inputs:
-    def __init__(self, ws: WindowSet):
-        self.ws = ws
+class _View:
+    def __init__(self, ws: WindowSet, part: int):
+        self.ws, self.part = ws, part
 
     def __getitem__(self, ids):
-        return self.ws.gather(torch.as_tensor(ids, dtype=torch.long).reshape(-1))[0]
+        return self.ws.gather(torch.as_tensor(ids, dtype=torch.long).reshape(-1))[self.part]
 
 
 def series_uid(series, index: int) -> str:
