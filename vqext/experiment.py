@@ -123,7 +123,11 @@ def forecast_run(run_dir: str, data: str, column=None, horizon: int | None = Non
     from .data import Normalizer
     from .windows import scalers_from_dict
 
+    from .forecasting import check_horizon
+
     cfg, model, ckpt = load_run(run_dir)
+    if horizon is not None:
+        check_horizon(horizon, cfg.time_steps)
     series = load_series(data, column)
     check_length(len(series), cfg.time_steps, series.source)
     normalizer = None
@@ -142,3 +146,34 @@ def forecast_run(run_dir: str, data: str, column=None, horizon: int | None = Non
                              else "the series' own mean and std"), "scaler": used.to_dict(), **fc.metrics}
     write_forecast_files(out, series, cfg.time_steps, fc, f"{cfg.arch}/{cfg.pe} on {series.name}", result)
     return result, out
+
+
+def forecast_future_run(run_dir: str, data, column=None, horizon: int | None = None, *, normalize: str = "train",
+                        direct: bool | None = None, cache: bool | str = "auto", out: str | None = None,
+                        progress: bool = False) -> tuple[dict, str]:
+    """Forecast the ``horizon`` points after the end of every series of ``data`` with a finished
+    run; writes ``forecast.csv``, ``forecast.png`` and ``metrics.json`` into ``out`` (default
+    ``RUN/forecasts/<data>``). Returns (a summary, out)."""
+    import time
+
+    from .errors import ConfigError
+    from .forecasting import load
+
+    fitted = load(run_dir)
+    horizon = horizon or fitted.cfg.horizon
+    if not horizon:
+        raise ConfigError(f"the run {run_dir} was not trained for a horizon; give --horizon H")
+    method = None if direct is None else ("direct" if direct else "rollout")
+    panel = as_panel(data, column)
+    t0 = time.perf_counter()
+    frame = forecast(fitted, panel, horizon, normalize=normalize, method=method, cache=cache, progress=progress)
+    seconds = round(time.perf_counter() - t0, 3)
+    out = out or os.path.join(run_dir, "forecasts", panel.name)
+    used = method or ("direct" if getattr(fitted.model, "direct_horizon", 0) else "rollout")
+    known = sum(series_uid(s, i) in fitted.scalers for i, s in enumerate(panel))
+    summary = {"run": run_dir, "data": panel.source, "series": len(panel), "horizon": int(horizon), "origin": "end",
+               "normalize": normalize, "series_with_saved_statistics": known if normalize == "train" else 0,
+               "method": used, "seconds": seconds}
+    write_future_files(out, panel, frame, f"{fitted.cfg.arch}/{fitted.cfg.pe} on {panel.name}: {horizon} steps",
+                       fitted.cfg.time_steps, metrics=summary)
+    return summary, out
