@@ -1,4 +1,5 @@
 """Forecasting the future (vqext.forecasting): rows after the end, training statistics, direct heads."""
+import json
 import os
 
 import numpy as np
@@ -59,8 +60,8 @@ def test_future_timestamps_follow_the_spacing():
 
 def test_training_statistics_not_the_future():
     # The level jumps in the last points: the whole series' mean differs from the training part's.
-    v = np.r_[np.zeros(20), np.full(5, 50.0)]
-    train_stats = Normalizer.fit(v[:20] + 1.0)
+    v = np.r_[np.sin(np.arange(20.0)), np.full(5, 50.0)]
+    train_stats = Normalizer.fit(v[:20])
     run = fitted(Zero(), scalers={"a": train_stats})
     got = forecast(run, [series("a", v)], 2)                      # default: the run's statistics
     np.testing.assert_allclose(got.y_hat, train_stats.mean)
@@ -216,3 +217,40 @@ def test_direct_head_trains():
     direct = f.forecast(data, 8)
     rollout = f.forecast(data, 8, method="rollout")
     assert not np.allclose(direct.y_hat, rollout.y_hat)
+
+
+def test_cli_trains_globally_and_forecasts_every_series(tmp_path):
+    from click.testing import CliRunner
+
+    from vqext.cli import main
+
+    rng = np.random.default_rng(0)
+    rows = ["unique_id,ds,y"]
+    ends = {}
+    for uid, n, start in (("a", 40, "2024-01-01 00:00"), ("b", 52, "2024-03-01 05:00"), ("c", 33, "2024-02-10 12:00")):
+        stamps = pd.date_range(start, periods=n, freq="h")
+        ends[uid] = stamps[-1]
+        rows += [f"{uid},{t:%Y-%m-%d %H:%M:%S},{10 * ord(uid) + np.sin(i / 2) + 0.1 * rng.standard_normal():.6f}"
+                 for i, t in enumerate(stamps)]
+    data = tmp_path / "long.csv"
+    data.write_text("\n".join(rows) + "\n")
+    r = CliRunner().invoke(main, ["run", "--data", str(data), "-T", "8", "--horizon", "4", "--epochs", "1",
+                                  "--windows-per-epoch", "16", "--vocab-size", "8", "--d-model", "8", "--heads", "2",
+                                  "--depth", "1", "--device", "cpu", "--quiet", "--out", str(tmp_path / "runs")])
+    assert r.exit_code == 0, r.output
+    run_dir = r.output.strip().splitlines()[-1].split("run directory: ")[1]
+    cfg = json.load(open(os.path.join(run_dir, "config.json")))
+    assert cfg["split"] == "tail" and cfg["hparams"]["direct_horizon"] == 4
+    assert pd.read_csv(os.path.join(run_dir, "scalers.csv")).unique_id.tolist() == ["a", "b", "c"]
+    assert os.path.exists(os.path.join(run_dir, "forecast.png"))  # the run forecasts its horizon
+    r = CliRunner().invoke(main, ["forecast", "--run", run_dir, "--data", str(data), "--horizon", "6", "--quiet",
+                                  "--out", str(tmp_path / "f")])
+    assert r.exit_code == 0, r.output
+    out = pd.read_csv(tmp_path / "f" / "forecast.csv", parse_dates=["ds"])
+    assert len(out) == 18 and list(out.columns) == ["unique_id", "step", "ds", "y_hat"]
+    for uid, f in out.groupby("unique_id"):
+        assert list(f.ds) == list(pd.date_range(ends[uid] + pd.Timedelta(hours=1), periods=6, freq="h"))
+        assert f.step.tolist() == [1, 2, 3, 4, 5, 6]
+    assert (tmp_path / "f" / "forecast.png").exists()
+    summary = json.load(open(tmp_path / "f" / "metrics.json"))
+    assert summary["series_with_saved_statistics"] == 3 and summary["method"] == "direct"

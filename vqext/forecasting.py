@@ -41,36 +41,17 @@ MAX_HORIZON_WINDOWS = 100
 
 
 # ------------------------------------------------------------------------------------ the data
-@dataclass(frozen=True)
-class _Panel:
-    """A panel built from one loaded series (until the loader gives panels itself)."""
-    series: tuple
-    source: str
-    name: str
-    format: str = "single"
-
-    def __len__(self):
-        return len(self.series)
-
-    def __iter__(self):
-        return iter(self.series)
-
-
 def as_panel(data, column=None):
-    """A panel from a Panel, a Series, a list of Series, or a spec (path, bundled:NAME, synthetic:NAME)."""
-    if hasattr(data, "series") and hasattr(data, "__iter__"):
+    """A Panel from a Panel, a Series, a list of Series, or a spec (path, bundled:NAME, synthetic:NAME)."""
+    from .data import Panel, load_panel
+
+    if isinstance(data, Panel):
         return data
     if isinstance(data, (list, tuple)) and data and all(hasattr(s, "values") for s in data):
-        return _Panel(tuple(data), "<series>", "series", "long")
+        return Panel(tuple(data), "<series>", "series", "long")
     if hasattr(data, "values") and not isinstance(data, (str, os.PathLike)):
-        return _Panel((data,), getattr(data, "source", "<series>"), getattr(data, "name", "series"))
-    from . import data as D
-
-    load_panel = getattr(D, "load_panel", None)
-    if load_panel is not None:
-        return load_panel(str(data), column=column)
-    s = D.load_series(str(data), column)
-    return _Panel((s,), s.source, s.name)
+        return Panel((data,), getattr(data, "source", "<series>"), getattr(data, "name", "series"), "single")
+    return load_panel(None if data is None else os.fspath(data), column=column)
 
 
 def series_uid(series, index: int) -> str:
