@@ -152,24 +152,11 @@ def build(panel, time_steps: int, *, split: str = "random", normalize: str | Non
         uid = series_uid(s, i)
         if uid in scalers:
             raise DataError(f"series id {uid!r} appears twice in {getattr(panel, 'source', 'the data')}")
-        if split == "tail":
-            tail = tail_size(n, val_size, val_fraction, forecast_horizon or H)
-            n_train = n - tail
-            local_train = np.arange(0, max(0, n_train - T - reach + 1))
-            # Each validation window predicts from the T points before the tail point it starts at.
-            local_val = np.arange(max(0, n_train - T), max(0, n - T - reach + 1)) if tail else np.arange(0)
-        else:
-            count = n - T - reach + 1  # the seed's n - T windows for a one-step model
-            if count < 2:
-                local_train = local_val = np.arange(0)
-                n_train = n
-            else:
-                tr, va = split_indices(count, val_fraction, split, split_seed)
-                local_train, local_val = np.asarray(tr, dtype=np.int64), np.asarray(va, dtype=np.int64)
-                # random: validation windows interleave, so the training part is the whole series
-                n_train = n if split == "random" else int(local_train.max()) + T + reach
+        local_train, local_val, n_train = _split_series(n, T, reach, split, val_fraction, split_seed,
+                                                        tail_size(n, val_size, val_fraction, forecast_horizon or H)
+                                                        if split == "tail" else 0)
         if n_train < 1:
-            raise DataError(f"series {uid!r} has {n} points, all of them validation (--val-size {tail}); "
+            raise DataError(f"series {uid!r} has {n} points, all of them validation (--val-size {n - n_train}); "
                             f"lower --val-size")
         scaler = Normalizer.fit(v if normalize == "series" else v[:n_train])
         scalers[uid] = scaler
@@ -207,6 +194,25 @@ def build(panel, time_steps: int, *, split: str = "random", normalize: str | Non
     return WindowSet(values, np.asarray(offsets, dtype=np.int64), np.asarray(lengths, dtype=np.int64),
                      np.asarray(train_points, dtype=np.int64), ids, scalers, T, H, table,
                      torch.as_tensor(np.concatenate(owners)), train_idx, val_idx, split == "tail")
+
+
+def _split_series(n: int, T: int, reach: int, split: str, val_fraction: float, split_seed: int,
+                  tail: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(training window starts, validation window starts, training points) of a series of ``n`` points."""
+    if split == "tail":
+        n_train = n - tail
+        local_train = np.arange(0, max(0, n_train - T - reach + 1))
+        # Each validation window predicts from the T points before the tail point it starts at.
+        local_val = np.arange(max(0, n_train - T), max(0, n - T - reach + 1)) if tail else np.arange(0)
+        return local_train, local_val, n_train
+    count = n - T - reach + 1  # the seed's n - T windows for a one-step model
+    if count < 2:
+        return np.arange(0), np.arange(0), n
+    tr, va = split_indices(count, val_fraction, split, split_seed)
+    local_train, local_val = np.asarray(tr, dtype=np.int64), np.asarray(va, dtype=np.int64)
+    # random: validation windows interleave, so the training part is the whole series
+    n_train = n if split == "random" else int(local_train.max()) + T + reach
+    return local_train, local_val, n_train
 
 
 def scalers_to_dict(scalers: dict[str, Normalizer]) -> dict[str, dict]:
