@@ -33,12 +33,21 @@ def test_run_trains_forecasts_and_summarises(tmp_path):
     # forecasting another series with the trained model
     other = tmp_path / "other.csv"
     other.write_text("t,v\n" + "".join(f"{i},{(i % 7) * 3.0 + 100}\n" for i in range(40)))
-    r = invoke("forecast", "--run", run_dir, "--data", str(other), "--horizon", "20")
+    r = invoke("forecast", "--run", run_dir, "--data", str(other), "--horizon", "20", "--origin", "start")
     assert r.exit_code == 0, r.output
     assert "regressive" in r.output and "one-step" in r.output
     m = json.load(open(os.path.join(run_dir, "forecasts", "other", "metrics.json")))
     assert m["horizon"] == 20 and m["batch"]["points"] == 32
     assert os.path.exists(os.path.join(run_dir, "forecasts", "other", "predict_regressive.png"))
+    # the future of that series: 5 rows after its 40 points
+    r = invoke("forecast", "--run", run_dir, "--data", str(other), "--horizon", "5", "--out", str(tmp_path / "f"),
+               "--quiet")
+    assert r.exit_code == 0, r.output
+    rows = (tmp_path / "f" / "forecast.csv").read_text().splitlines()
+    assert rows[0] == "unique_id,step,ds,y_hat" and [r.split(",")[2] for r in rows[1:]] == ["40", "41", "42", "43", "44"]
+    assert (tmp_path / "f" / "forecast.png").exists()
+    r = invoke("forecast", "--run", run_dir, "--data", str(other), "--horizon", "1000000")
+    assert r.exit_code == 1 and "--horizon 1000000 is more than 100 window lengths" in r.output
 
 
 @pytest.mark.parametrize("args,message", [

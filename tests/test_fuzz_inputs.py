@@ -68,7 +68,8 @@ def test_cli_forecast_with_a_malformed_csv_prints_one_error_line(name, tmp_path)
     run_dir = r.output.strip().splitlines()[-1].split("run directory: ")[1]
     path = tmp_path / "bad.csv"
     path.write_bytes(MALFORMED[name])
-    one_error_line(CliRunner().invoke(main, ["forecast", "--run", run_dir, "--data", str(path)]))
+    one_error_line(CliRunner().invoke(main, ["forecast", "--run", run_dir, "--data", str(path), "--horizon", "3"]))
+    one_error_line(CliRunner().invoke(main, ["forecast", "--run", run_dir, "--data", str(path), "--origin", "start"]))
 
 
 @pytest.mark.parametrize("content", [b"", b"{", b"\xff\xfe", b"[1, 2]", b'{"val_loss": "x"}'])

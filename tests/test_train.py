@@ -10,7 +10,7 @@ from vqext.registry import resolve_hparams
 from vqext.checkpoint import load_checkpoint, load_run
 from vqext.experiment import run_experiment
 from vqext.io import atomic_write_json
-from vqext.train import TrainingError, train
+from vqext.train import SCALERS_FILE, TrainingError, train
 
 TINY = {"vqlnmlp": dict(vocab_size=16, d_model=8),
         "mhvqlnmlp": dict(vocab_size=16, d_model=8, heads=2),
@@ -56,11 +56,11 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 def test_no_temporary_files_left(tmp_path):
     train(tiny_config(epochs=2), str(tmp_path), quiet=True)
-    assert sorted(os.listdir(tmp_path)) == [C.CHECKPOINT_FILE, C.CONFIG_FILE, C.HISTORY_FILE]
+    assert sorted(os.listdir(tmp_path)) == [C.CHECKPOINT_FILE, C.CONFIG_FILE, C.HISTORY_FILE, SCALERS_FILE]
     # a writer killed mid-write leaves only its hidden temporary; resume cleans it up
     (tmp_path / ".checkpoint.pt.abc123.tmp").write_bytes(b"half a checkpo")
     train(tiny_config(epochs=3), str(tmp_path), quiet=True, resume=True)
-    assert sorted(os.listdir(tmp_path)) == [C.CHECKPOINT_FILE, C.CONFIG_FILE, C.HISTORY_FILE]
+    assert sorted(os.listdir(tmp_path)) == [C.CHECKPOINT_FILE, C.CONFIG_FILE, C.HISTORY_FILE, SCALERS_FILE]
 
 
 def test_atomic_write_replaces_whole_files(tmp_path):

@@ -135,8 +135,9 @@ def list_cmd(pattern, as_json):
     click.echo("Architectures:")
     rows = [(e["name"], source(e), ", ".join(e.get("accepts", [])) or "-",
              ("yes" if e.get("supports_cache") else "no") if not e["error"] else "-",
+             ("yes" if e.get("supports_direct") else "no") if not e["error"] else "-",
              "LOAD ERROR" if e["error"] else "") for e in data["architectures"]]
-    table(rows, ("name", "package", "accepts", "kv-cache", "")) if rows else click.echo("  (none)")
+    table(rows, ("name", "package", "accepts", "kv-cache", "direct head", "")) if rows else click.echo("  (none)")
     click.echo("Positional encodings:")
     rows = [(e["name"], source(e), e.get("mode", "-"),
              ("any" if e.get("any_position") else "table") if not e["error"] else "-",
@@ -192,8 +193,26 @@ def _common_training_options(sweep: bool):
             click.option("--last-k", type=int, default=None, help="steps that --last-weight covers (16)."),
             click.option("--pushforward", type=int, default=None,
                          help="extra passes on the model's own detached predictions (0: off)."),
-            click.option("--split", type=click.Choice(["random", "chronological"]), default="random", show_default=True,
-                         help="train/validation split of the windows (random: seeded 80/20 like the log)."),
+            click.option("--horizon", type=int, default=0,
+                         help="the forecast horizon H the run is for: the default --val-size, and a direct "
+                              "H-step head where the architecture has one (0: none)."),
+            click.option("--direct/--rollout", "direct", default=None,
+                         help="with --horizon: train a direct H-step head (default where the architecture has "
+                              "one) or only the one-step model that rolls forward."),
+            click.option("--val-size", type=int, default=None,
+                         help="--split tail: validation points at the end of each series (default: --horizon, "
+                              "else --val-fraction of it; 0: train on everything)."),
+            click.option("--val-fraction", type=float, default=0.2, show_default=True,
+                         help="validation share (of the windows, or of each series for --split tail)."),
+            click.option("--normalize", type=click.Choice(["train", "series"]), default=None,
+                         help="scale each series with its training part's statistics (train; default for "
+                              "--split tail) or all of its points (series; the log's protocol)."),
+            click.option("--windows-per-epoch", type=int, default=None,
+                         help="windows drawn (afresh) per epoch, bounding epochs over large sets (default: all)."),
+            click.option("--split", type=click.Choice(["random", "chronological", "tail"]), default=None,
+                         help="train/validation split: of the windows (random: seeded 80/20 like the log; "
+                              "chronological: the last windows) or of each series (tail: its last --val-size "
+                              "points). Default: tail for several series or with --horizon, else random."),
             click.option("--split-seed", type=int, default=42, show_default=True),
             click.option("--positions", type=click.Choice(["window", "series"]), default="window", show_default=True,
                          help="start_pos of each window: 0 (window) or its index in the series (series)."),
@@ -251,17 +270,25 @@ DEFAULT_ARCH = "vqformer"  # `vqext run` without --arch: the recommended configu
 
 def _make_config(arch, pe, user_hparams, kw, seed):
     from .config import TRAINING_DEFAULTS, RunConfig, resolve_training
-    from .data import default_time_steps, load_series
+    from .data import default_time_steps
+    from .forecasting import as_panel, direct_hparams
     from .registry import resolve_hparams
 
-    time_steps = kw["time_steps"]
-    if time_steps is None:
-        time_steps = default_time_steps(len(load_series(kw["data"], kw["column"])))
+    time_steps, horizon, split = kw["time_steps"], kw["horizon"] or 0, kw["split"]
+    if time_steps is None or split is None:
+        panel = as_panel(kw["data"], kw["column"])
+        if time_steps is None:
+            time_steps = default_time_steps(min(len(s.values) for s in panel))
+        if split is None:
+            split = "tail" if len(panel) > 1 or horizon else "random"
+    user_hparams = {**user_hparams, **direct_hparams(arch, horizon, kw.get("direct"))}
     resolved = resolve_hparams(arch, pe, time_steps=time_steps, **user_hparams)
     training = resolve_training(arch, **{k: kw.get(k) for k in TRAINING_DEFAULTS})
     cfg = RunConfig(arch=arch, pe=pe, hparams=resolved, user_hparams=dict(user_hparams), data=kw["data"],
-                    column=kw["column"], time_steps=time_steps, seed=seed, split=kw["split"],
-                    split_seed=kw["split_seed"], positions=kw["positions"], device=kw["device"], **training)
+                    column=kw["column"], time_steps=time_steps, seed=seed, split=split,
+                    split_seed=kw["split_seed"], positions=kw["positions"], device=kw["device"],
+                    val_fraction=kw["val_fraction"], val_size=kw["val_size"], normalize=kw["normalize"],
+                    horizon=horizon, windows_per_epoch=kw["windows_per_epoch"], **training)
     cfg.validate()
     return cfg
 
@@ -274,7 +301,10 @@ def _summary_table(results):
         if "error" in r:
             rows.append([r["arch"], r["pe"], r["seed"], "failed", r["error"], "", ""])
             continue
-        f = r["forecast"]
+        f = r.get("forecast") or {}
+        if "regressive" not in f:  # a run over several series: no in-sample forecast errors
+            rows.append([r["arch"], r["pe"], r["seed"], r["val_loss"], "-", "-", r["run"]])
+            continue
         rows.append([r["arch"], r["pe"], r["seed"], r["val_loss"], f["regressive"]["mse"], f["batch"]["mse"],
                      r["run"]])
     return markdown_table(["arch", "pe", "seed", "val loss", "regressive MSE", "one-step MSE", "run"], rows)
@@ -323,6 +353,16 @@ def run(arch, pe, seed, freeze_codebook, resume_dir, quiet, out, cache, **kw):
                              announce=lambda d: click.echo(f"run directory: {d}", err=True) if not quiet else None)
     if metrics is None:
         return  # a torchrun rank other than 0: rank 0 reports
+    if "series" in metrics:  # several series, trained globally
+        from .report import markdown_table
+
+        f = metrics.get("forecast")
+        click.echo(markdown_table(
+            ["arch", "pe", "seed", "series", "val loss", "train s", "forecast"],
+            [[metrics["arch"], metrics["pe"], metrics["seed"], metrics["series"], metrics["val_loss"],
+              metrics["train_seconds"], f"{f['horizon']} steps ({f['method']}): forecast.csv" if f else "-"]]))
+        click.echo(f"run directory: {metrics['run']}")
+        return
     click.echo(_summary_table([metrics]))
     fl = metrics["noise_floor"]
     click.echo(f"noise floor (variance around a {fl['window']}-point moving average): {fl['variance']:.6g}; "
@@ -431,28 +471,59 @@ def sweep(archs, pes, seeds, freeze_codebook, jobs, shard, also, quiet, out, cac
               help="a run directory written by `vqext run`.")
 @click.option("--data", required=True, metavar="CSV", help="series to forecast (CSV, bundled:NAME, synthetic:NAME).")
 @click.option("--column", default=None, help="CSV column name or index (default: last numeric).")
-@click.option("--horizon", type=int, default=None, help="regressive steps (default: to the end of the series).")
-@click.option("--cache/--no-cache", default=False, show_default=True,
-              help="decode with the KV cache (architectures that support it, relative encodings).")
+@click.option("--horizon", type=int, default=None,
+              help="steps to forecast (--origin end: default the run's --horizon; --origin start: default to the "
+                   "end of the series). At most 100 window lengths.")
+@click.option("--origin", type=click.Choice(["end", "start"]), default="end", show_default=True,
+              help="end: the points after the end of every series; start: the log's protocol, rolling from the "
+                   "first T points over the series.")
+@click.option("--normalize", type=click.Choice(["train", "series"]), default=None,
+              help="train: the run's saved statistics of each series (a series it never saw: its own history; "
+                   "default at --origin end); series: the series' own (default at --origin start, the log's).")
+@click.option("--direct/--rollout", "direct", default=None,
+              help="the model's direct multi-step head, or the one-step rollout (default: what the run trained).")
+@click.option("--cache/--no-cache", default=None,
+              help="decode the rollout with the KV cache (default: --origin end wherever it is exact; "
+                   "--origin start never).")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="where to write (default: RUN/forecasts/<data>).")
-def forecast(run_dir, data, column, horizon, cache, out):
-    """Apply a trained model to a series (normalised with that series' own statistics).
+@click.option("--quiet", "-q", is_flag=True, help="no progress bar.")
+def forecast(run_dir, data, column, horizon, origin, normalize, direct, cache, out, quiet):
+    """Forecast with a trained run: the future of every series (default), or the log's in-sample rollout.
 
-    Writes forecast.csv, metrics.json and the one-step and regressive plots.
+    --origin end writes forecast.csv (unique_id, step, ds, y_hat: the points after each series'
+    end; ds continues the series' timestamps, or its integer index), forecast.png (up to 12
+    series with their history) and metrics.json. --origin start writes the log's files:
+    forecast.csv (index, truth, one_step, regressive), metrics.json and the two plots.
 
     \b
     Examples:
-      vqext forecast --run runs/mhvqlnmlp_rope_.../2024-12-23-00-04-22 --data ../shared/data/w+y.csv
-      vqext forecast --run runs/vqformer_rope_.../... --data ../shared/data/w+y.csv --cache --horizon 200
+      vqext forecast --run runs/vqformer_rope_.../... --data bundled:airline --horizon 24
+      vqext forecast --run runs/vqformer_rope_.../... --data ../shared/data/w+y.csv --horizon 48 --rollout
+      vqext forecast --run runs/mhvqlnmlp_rope_.../2024-12-23-00-04-22 --data ../shared/data/w+y.csv --origin start
     """
-    from .experiment import forecast_run
+    from .report import markdown_table
 
     if horizon is not None and horizon < 1:
         raise click.BadParameter("must be at least 1", param_hint="--horizon")
-    metrics, out = forecast_run(run_dir, data, column, horizon, cache, out, note=lambda t: click.echo(t, err=True))
-    from .report import markdown_table
+    note = lambda t: click.echo(t, err=True)  # noqa: E731
+    if origin == "end":
+        from .experiment import forecast_future_run
 
+        summary, out = forecast_future_run(run_dir, data, column, horizon, normalize=normalize or "train",
+                                           direct=direct, cache="auto" if cache is None else cache, out=out,
+                                           progress=not quiet)
+        click.echo(markdown_table(["series", "steps", "method", "normalize", "seconds"],
+                                  [[summary["series"], summary["horizon"], summary["method"], summary["normalize"],
+                                    summary["seconds"]]]))
+        click.echo(f"written to {out}")
+        return
+    if direct:
+        raise click.BadParameter("--origin start rolls one step at a time; drop --direct", param_hint="--direct")
+    from .experiment import forecast_run
+
+    metrics, out = forecast_run(run_dir, data, column, horizon, bool(cache), out, note=note,
+                                normalize=normalize or "series")
     b, r = metrics["batch"], metrics["regressive"]
     click.echo(markdown_table(["forecast", "steps", "MSE", "MAE"],
                               [["one-step (batch)", b["points"], b["mse"], b["mae"]],

@@ -30,9 +30,13 @@ class RunConfig:
     lr: float = 0.007
     batch_size: int = 32
     seed: int = 0
-    split: str = "random"
+    split: str = "random"       # "random"/"chronological": of the windows (the log); "tail": of each series
     val_fraction: float = 0.2
     split_seed: int = 42
+    val_size: int | None = None  # split "tail": validation points per series (None: horizon, else val_fraction)
+    normalize: str | None = None  # "train": each series' training part; "series": all of it (None: by split)
+    horizon: int = 0             # the forecast horizon the run is for (0: not set)
+    windows_per_epoch: int | None = None  # windows drawn per epoch (None: all of them)
     positions: str = "window"   # "window": each window starts at position 0 (the log); "series"
     device: str = "auto"
     # Training objective and schedule (vqext/objectives.py). These defaults are the log's plain
@@ -54,8 +58,17 @@ class RunConfig:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if self.positions not in ("window", "series"):
             raise ConfigError(f"--positions must be 'window' or 'series', got {self.positions!r}")
-        if self.split not in ("random", "chronological"):
-            raise ConfigError(f"--split must be 'random' or 'chronological', got {self.split!r}")
+        if self.split not in ("random", "chronological", "tail"):
+            raise ConfigError(f"--split must be 'random', 'chronological' or 'tail', got {self.split!r}")
+        if self.normalize not in (None, "train", "series"):
+            raise ConfigError(f"--normalize must be 'train' or 'series', got {self.normalize!r}")
+        if self.val_size is not None and (self.split != "tail" or self.val_size < 0):
+            raise ConfigError(f"--val-size (points per series, >= 0) applies to --split tail; got {self.val_size} "
+                              f"with --split {self.split}")
+        if self.horizon < 0:
+            raise ConfigError(f"--horizon must be >= 0, got {self.horizon}")
+        if self.windows_per_epoch is not None and self.windows_per_epoch < 1:
+            raise ConfigError(f"--windows-per-epoch must be at least 1, got {self.windows_per_epoch}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -145,6 +158,10 @@ def training_tags(cfg: "RunConfig") -> list[str]:
         tags.append(f"last{cfg.last_weight:g}x{cfg.last_k}")
     if cfg.pushforward:
         tags.append(f"pf{cfg.pushforward}")
+    if cfg.horizon:
+        tags.append(f"h{cfg.horizon}")
+    if cfg.windows_per_epoch:
+        tags.append(f"wpe{cfg.windows_per_epoch}")
     return tags
 
 

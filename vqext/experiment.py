@@ -1,5 +1,11 @@
 """Whole runs: train, evaluate, forecast and plot (``vqext run``), and apply a finished run to
-another series (``vqext forecast``)."""
+another series (``vqext forecast --origin start``; forecasts of the future are
+:func:`vqext.forecasting.forecast`).
+
+A single series gets the seed's report: one-step and regressive forecasts over the series, their
+errors and plots. A panel of several series is trained globally; its report is the training
+history and, when the run has a horizon, the forecast of every series' future
+(``forecast.csv``, ``forecast.png``)."""
 from __future__ import annotations
 
 import os
@@ -10,10 +16,12 @@ import torch
 from . import config as C
 from . import distributed, plots
 from .checkpoint import load_run
-from .data import check_length, load_series, noise_floor, prepare
+from .data import check_length, load_series, noise_floor
 from .forecast import codebook_usage, forecast_series
-from .forecast_files import write_forecast_files
-from .train import train, window_start_pos
+from .forecast_files import write_forecast_files, write_future_files
+from .forecasting import Fitted, as_panel, forecast, series_uid
+from .io import atomic_write_json
+from .train import train, window_start_pos, windows_for
 
 
 def run_experiment(cfg: C.RunConfig, out_root: str = "runs", *, quiet: bool = False,
@@ -22,24 +30,29 @@ def run_experiment(cfg: C.RunConfig, out_root: str = "runs", *, quiet: bool = Fa
     (None on a torchrun rank other than 0). With ``resume_dir`` the run continues in that
     directory from its last checkpoint."""
     cfg.validate()
-    series = load_series(cfg.data, cfg.column)
-    check_length(len(series), cfg.time_steps, series.source)  # before a run directory exists
-    dataset = prepare(series, cfg.time_steps, cfg.split, cfg.val_fraction, cfg.split_seed)
+    panel = as_panel(cfg.data, cfg.column)
+    if len(panel) == 1:
+        series = next(iter(panel))
+        check_length(len(series), cfg.time_steps, series.source)  # before a run directory exists
+    # Windows (and their errors) before a run directory exists.
+    dataset = windows_for(cfg, panel, int(cfg.hparams.get("direct_horizon", 0) or 0))
     dist = distributed.setup(distributed.training_device(C.resolve_device(cfg.device)))
     if resume_dir:
         run_dir = resume_dir
     else:
-        run_dir = dist.broadcast(C.new_run_dir(out_root, cfg.label(series.name)) if dist.is_main else None)
+        run_dir = dist.broadcast(C.new_run_dir(out_root, cfg.label(panel.name)) if dist.is_main else None)
     if announce is not None and dist.is_main:
         announce(run_dir)
     result = train(cfg, run_dir, resume=bool(resume_dir), quiet=quiet, dataset=dataset)
     if not dist.is_main:
         return None  # rank 0 alone evaluates, forecasts and writes
+    if len(panel) > 1:
+        return _report_panel(cfg, run_dir, panel, result, quiet)
     model, ds, history = result.model.cpu(), result.dataset, result.history
     fc = forecast_series(model, cfg.arch, cfg.pe, series.values, cfg.time_steps, positions=cfg.positions,
                          cache=cache, normalizer=ds.normalizer)
     val_idx = torch.as_tensor(ds.val_idx[: 4096])
-    usage = codebook_usage(model, ds.x[val_idx], start_pos=window_start_pos(cfg, val_idx))
+    usage = codebook_usage(model, ds.x[val_idx], start_pos=window_start_pos(cfg, ds.local_start(val_idx)))
     metrics = _run_metrics(cfg, run_dir, series, result, fc, usage)
     label = os.path.basename(os.path.dirname(run_dir))
     write_forecast_files(run_dir, series, cfg.time_steps, fc, label, metrics)
@@ -69,21 +82,98 @@ def _run_metrics(cfg: C.RunConfig, run_dir: str, series, result, fc, usage) -> d
     }
 
 
+def _report_panel(cfg: C.RunConfig, run_dir: str, panel, result, quiet: bool) -> dict:
+    """metrics.json, the loss plot and, with a horizon, every series' future forecast."""
+    import time
+
+    ds, history = result.dataset, result.history
+    last = history[-1]
+    n_train = len(ds.train_idx)
+    windows_run = sum(r.get("windows", n_train) for r in history[len(history) - result.epochs_run:])
+    metrics = {
+        "run": run_dir, "arch": cfg.arch, "pe": cfg.pe, "hparams": cfg.hparams, "seed": cfg.seed,
+        "data": panel.source, "series": len(panel), "points": int(ds.lengths.sum()), "time_steps": cfg.time_steps,
+        "split": cfg.split, "epochs": last["epoch"], "train_loss": last["train_loss"], "val_loss": last["val_loss"],
+        "best_val_loss": min(r["val_loss"] for r in history),
+        "train_windows": n_train, "val_windows": len(ds.val_idx), "windows_per_epoch": last.get("windows"),
+        "train_seconds": round(result.seconds, 3),
+        "windows_per_second": windows_run / result.seconds if result.seconds > 0 else None,
+        "scalers": "scalers.csv",
+    }
+    label = os.path.basename(os.path.dirname(run_dir))
+    if cfg.horizon:
+        t0 = time.perf_counter()
+        fitted = Fitted(result.model.cpu().eval(), cfg, dict(ds.scalers), run_dir, history)
+        frame = forecast(fitted, panel, cfg.horizon, progress=not quiet)
+        metrics["forecast"] = {"horizon": cfg.horizon, "origin": "end", "normalize": "train",
+                               "method": "direct" if fitted.model.direct_horizon else "rollout",
+                               "seconds": round(time.perf_counter() - t0, 3)}
+        write_future_files(run_dir, panel, frame, f"{label}: {cfg.horizon}-step forecast", cfg.time_steps)
+    atomic_write_json(os.path.join(run_dir, C.METRICS_FILE), metrics)
+    plots.plot_losses(history, os.path.join(run_dir, "loss.png"), title=f"{label}: loss")
+    return metrics
+
+
 def forecast_run(run_dir: str, data: str, column=None, horizon: int | None = None, cache: bool = False,
-                 out: str | None = None, note=print) -> tuple[dict, str]:
-    """Apply a finished run to a series (normalised with that series' own statistics); writes the
-    forecast's files into ``out`` (default ``RUN/forecasts/<series>``). Returns (metrics, out)."""
-    cfg, model, _ = load_run(run_dir)
+                 out: str | None = None, note=print, normalize: str = "series") -> tuple[dict, str]:
+    """Apply a finished run to a series the seed's way: roll from its first ``T`` points
+    (``--origin start``), normalised with the series' own statistics (``normalize="series"``) or
+    with those the run saved for it (``"train"``; the series' own when the run never saw it).
+    Writes the forecast's files into ``out`` (default ``RUN/forecasts/<series>``). Returns (metrics, out)."""
+    from .data import Normalizer
+    from .windows import scalers_from_dict
+
+    from .forecasting import check_horizon
+
+    cfg, model, ckpt = load_run(run_dir)
+    if horizon is not None:
+        check_horizon(horizon, cfg.time_steps)
     series = load_series(data, column)
     check_length(len(series), cfg.time_steps, series.source)
+    normalizer = None
+    if normalize == "train":
+        normalizer = scalers_from_dict(ckpt.get("scalers") or {}).get(series_uid(series, 0))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fc = forecast_series(model, cfg.arch, cfg.pe, series.values, cfg.time_steps, positions=cfg.positions,
-                             horizon=horizon, cache=cache)
+                             horizon=horizon, cache=cache, normalizer=normalizer)
     for w in caught:
         note(f"note: {w.message}")
     out = out or os.path.join(run_dir, "forecasts", series.name)
+    used = normalizer or Normalizer.fit(series.values)
     result = {"run": run_dir, "data": series.source, "column": series.column, "points": len(series),
-              "normalizer": "the series' own mean and std", **fc.metrics}
+              "normalizer": ("the run's training statistics" if normalizer is not None
+                             else "the series' own mean and std"), "scaler": used.to_dict(), **fc.metrics}
     write_forecast_files(out, series, cfg.time_steps, fc, f"{cfg.arch}/{cfg.pe} on {series.name}", result)
     return result, out
+
+
+def forecast_future_run(run_dir: str, data, column=None, horizon: int | None = None, *, normalize: str = "train",
+                        direct: bool | None = None, cache: bool | str = "auto", out: str | None = None,
+                        progress: bool = False) -> tuple[dict, str]:
+    """Forecast the ``horizon`` points after the end of every series of ``data`` with a finished
+    run; writes ``forecast.csv``, ``forecast.png`` and ``metrics.json`` into ``out`` (default
+    ``RUN/forecasts/<data>``). Returns (a summary, out)."""
+    import time
+
+    from .errors import ConfigError
+    from .forecasting import load
+
+    fitted = load(run_dir)
+    horizon = horizon or fitted.cfg.horizon
+    if not horizon:
+        raise ConfigError(f"the run {run_dir} was not trained for a horizon; give --horizon H")
+    method = None if direct is None else ("direct" if direct else "rollout")
+    panel = as_panel(data, column)
+    t0 = time.perf_counter()
+    frame = forecast(fitted, panel, horizon, normalize=normalize, method=method, cache=cache, progress=progress)
+    seconds = round(time.perf_counter() - t0, 3)
+    out = out or os.path.join(run_dir, "forecasts", panel.name)
+    used = method or ("direct" if getattr(fitted.model, "direct_horizon", 0) else "rollout")
+    known = sum(series_uid(s, i) in fitted.scalers for i, s in enumerate(panel))
+    summary = {"run": run_dir, "data": panel.source, "series": len(panel), "horizon": int(horizon), "origin": "end",
+               "normalize": normalize, "series_with_saved_statistics": known if normalize == "train" else 0,
+               "method": used, "seconds": seconds}
+    write_future_files(out, panel, frame, f"{fitted.cfg.arch}/{fitted.cfg.pe} on {panel.name}: {horizon} steps",
+                       fitted.cfg.time_steps, metrics=summary)
+    return summary, out

@@ -20,6 +20,8 @@ Positions (``start_pos``), for a series ``v[0..n-1]`` and window length ``T``:
 from __future__ import annotations
 
 import itertools
+import sys
+import types
 import warnings
 from dataclasses import dataclass
 
@@ -233,3 +235,20 @@ def codebook_usage(model, x: torch.Tensor, start_pos=0) -> list[np.ndarray]:
         except Exception:  # noqa: BLE001 - a plugin's codebook layout we cannot read: skip the plot
             continue
     return counts
+
+
+class _CallableModule(types.ModuleType):
+    """``vqext.forecast(run_or_model, data, horizon)`` is :func:`vqext.forecasting.forecast`.
+
+    The public name ``vqext.forecast`` is both this module (whose functions stay importable as
+    ``vqext.forecast.regressive`` etc.) and the forecasting call: an ordinary function of that
+    name in ``vqext/__init__`` would be replaced by the module the first time anything imported it.
+    """
+
+    def __call__(self, run_or_model, data, horizon, **kwargs):
+        from .forecasting import forecast
+
+        return forecast(run_or_model, data, horizon, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -34,3 +34,23 @@ def write_forecast_files(out_dir: str, series, time_steps: int, fc, title: str, 
     plots.plot_forecast(series.values, fc.regressive, time_steps, os.path.join(out_dir, "predict_regressive.png"),
                         title=f"{title}: regressive forecast, {m['horizon']} steps (MSE {m['regressive']['mse']:.4g})",
                         label="regressive forecast", context=time_steps, ylabel=series.column)
+
+
+def write_future_files(out_dir: str, panel, frame, title: str, time_steps: int, metrics: dict | None = None,
+                       limit: int = 12) -> None:
+    """``forecast.csv`` (``unique_id, step, ds, y_hat``: the points after each series' end) and
+    ``forecast.png`` (the history of up to ``limit`` series, sampled evenly, with their forecasts)."""
+    import numpy as np
+
+    from .windows import series_uid
+
+    if metrics is not None:
+        atomic_write_json(os.path.join(out_dir, METRICS_FILE), metrics)
+    atomic_write_text(os.path.join(out_dir, "forecast.csv"), frame.to_csv(index=False, float_format="%.10g"))
+    histories = {}
+    for i, s in enumerate(panel):
+        ds = getattr(s, "ds", None)
+        histories[series_uid(s, i)] = (np.arange(len(s.values)) if ds is None else ds, s.values)
+    horizon = int(frame["step"].max()) if len(frame) else 0
+    plots.plot_future(histories, frame, os.path.join(out_dir, "forecast.png"), title=title, limit=limit,
+                      tail=max(4 * horizon, 2 * time_steps))

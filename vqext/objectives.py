@@ -11,6 +11,9 @@ All of it is configured by :class:`~vqext.config.RunConfig` fields (CLI flags of
 * ``pushforward``: after the ordinary pass, the model runs again on its own one-step predictions
   (detached: the first input is the true one, then the previous pass's predictions) and that
   pass's MSE is added, once per pass. It teaches the model to continue from its own output.
+* ``direct_target``: for a model with a direct multi-step head (trained when the run has a
+  horizon), the MSE of its ``H`` direct predictions against the ``H`` values after the window is
+  added, computed in the same forward pass as the one-step outputs.
 * ``lr_schedule``: ``constant``, or ``cosine`` decay to 0 after a linear warmup over ``warmup``
   x all steps.
 """
@@ -46,14 +49,21 @@ def _aux(model) -> torch.Tensor | None:
     return aux if isinstance(aux, torch.Tensor) and aux.requires_grad else None
 
 
-def training_loss(model, x: torch.Tensor, y: torch.Tensor, start_pos, cfg, aux_source=None) -> torch.Tensor:
+def training_loss(model, x: torch.Tensor, y: torch.Tensor, start_pos, cfg, aux_source=None,
+                  direct_target: torch.Tensor | None = None) -> torch.Tensor:
     """The loss of one batch ``x``, ``y`` ``(B, T, 1)`` under ``cfg``'s objective.
 
     ``model`` is what runs the forward (a DistributedDataParallel wrapper under torchrun);
     ``aux_source`` is the module that carries ``aux_loss`` (the unwrapped model), default ``model``.
+    ``direct_target`` ``(B, H, 1)``: the values after each window, for the model's direct head.
     """
-    pred = model(x, start_pos=start_pos).float()
-    loss = F.mse_loss(pred, y)
+    if direct_target is not None:
+        pred, ahead = model(x, start_pos=start_pos, direct=True)
+        pred = pred.float()
+        loss = F.mse_loss(pred, y) + F.mse_loss(ahead.float(), direct_target)
+    else:
+        pred = model(x, start_pos=start_pos).float()
+        loss = F.mse_loss(pred, y)
     aux = _aux(model if aux_source is None else aux_source)
     if aux is not None:
         loss = loss + aux

@@ -118,3 +118,44 @@ def plot_comparison(names: list[str], values: list[float], path: str, *, title: 
     fig.tight_layout()
     atomic_savefig(fig, path)
     plt.close(fig)
+
+
+def sample_series(ids: list, limit: int = 12) -> list:
+    """At most ``limit`` ids spread evenly over ``ids`` (all of them when there are few)."""
+    if len(ids) <= limit:
+        return list(ids)
+    picks = np.linspace(0, len(ids) - 1, limit).round().astype(int)
+    return [ids[i] for i in picks]
+
+
+def plot_future(histories: dict, forecast, path: str, *, title: str, limit: int = 12, tail: int | None = None) -> None:
+    """Each sampled series' history (its last ``tail`` points) with its forecast, in a grid.
+
+    ``histories`` maps id -> (x, values) (x: timestamps or indices); ``forecast`` is a DataFrame
+    ``unique_id, step, ds, y_hat`` as :func:`vqext.forecasting.forecast` returns.
+    """
+    plt = _plt()
+    ids = sample_series(list(histories), limit)
+    cols = 1 if len(ids) == 1 else (2 if len(ids) <= 4 else 3)
+    rows = -(-len(ids) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols if cols > 1 else 11, 3.0 * rows + 0.6), dpi=100,
+                             squeeze=False)
+    groups = dict(tuple(forecast.groupby("unique_id", sort=False)))
+    for ax, uid in zip(axes.flat, ids):
+        x, values = histories[uid]
+        f = groups.get(uid)
+        keep = len(values) if tail is None else min(len(values), tail)
+        ax.plot(np.asarray(x)[-keep:], np.asarray(values)[-keep:], color="#1f77b4", lw=1.0, label="history")
+        if f is not None:
+            ax.plot(f["ds"].to_numpy(), f["y_hat"].to_numpy(), color="#d62728", lw=1.1, label="forecast")
+        ax.set_title(str(uid), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(ids):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(loc="best", fontsize=7)
+    shown = f" ({len(ids)} of {len(histories)} series)" if len(ids) < len(histories) else ""
+    fig.suptitle(_wrap(title + shown), fontsize=10)
+    fig.tight_layout()
+    atomic_savefig(fig, path)
+    plt.close(fig)

@@ -241,6 +241,7 @@ def describe() -> dict:
             if obj is not None and kind == "arch":
                 info["accepts"] = list(getattr(obj, "accepted_pes", ("*",)))
                 info["supports_cache"] = bool(getattr(obj, "supports_cache", False))
+                info["supports_direct"] = bool(getattr(obj, "supports_direct", False))
                 info["defaults"] = dict(getattr(obj, "defaults", {}))
             elif obj is not None:
                 info["mode"] = obj.mode

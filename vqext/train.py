@@ -1,9 +1,14 @@
 """The training loop: epochs over shuffled windows, validation, a checkpoint after every epoch.
 
+Windows come from every series of the data (:mod:`vqext.windows`). An epoch is one pass over the
+shuffled training windows or, with ``windows_per_epoch``, that many of them drawn afresh each
+epoch (without replacement), which bounds an epoch over large sets such as M4.
+
 A run directory holds ``config.json`` (the resolved :class:`~vqext.config.RunConfig`),
-``metrics.jsonl`` (one line per finished epoch) and ``checkpoint.pt`` (written after every epoch;
+``scalers.csv`` (each series' scaling statistics: what forecasts of it use), ``metrics.jsonl``
+(one line per finished epoch) and ``checkpoint.pt`` (written after every epoch, with the scalers;
 see :mod:`vqext.checkpoint`); :mod:`vqext.experiment` adds ``metrics.json`` and plots once the run
-is finished. Every file is written atomically.
+is finished. Every file is written atomically. Training without a run directory writes nothing.
 """
 from __future__ import annotations
 
@@ -21,9 +26,12 @@ from . import config as C
 from . import distributed
 from . import objectives
 from .checkpoint import open_for_resume, restore_rng, rng_state, save_checkpoint
-from .data import Dataset, load_series, prepare
+from .windows import WindowSet, build, scalers_to_dict
 from .errors import VqextError
 from .io import atomic_write_json, atomic_write_text
+
+
+SCALERS_FILE = "scalers.csv"
 
 
 class TrainingError(VqextError):
@@ -43,30 +51,53 @@ def build_model(cfg: C.RunConfig):
     return create_model(cfg.arch, cfg.pe, **cfg.hparams)
 
 
-def window_start_pos(cfg: C.RunConfig, window_index: torch.Tensor):
-    """Absolute position of each window's first step: 0 (``window``) or its index (``series``)."""
-    return 0 if cfg.positions == "window" else window_index
+def window_start_pos(cfg: C.RunConfig, local_start: torch.Tensor):
+    """Absolute position of each window's first step: 0 (``window``) or its start in its series (``series``)."""
+    return 0 if cfg.positions == "window" else local_start
+
+
+def windows_for(cfg: C.RunConfig, data=None, direct_horizon: int = 0) -> WindowSet:
+    """The windows ``cfg`` trains on, from ``data`` (a panel or list of series) or ``cfg.data``."""
+    if data is None:
+        from .forecasting import as_panel
+
+        data = as_panel(cfg.data, cfg.column)
+    return build(data, cfg.time_steps, split=cfg.split, normalize=cfg.normalize, val_fraction=cfg.val_fraction,
+                 split_seed=cfg.split_seed, val_size=cfg.val_size, horizon=direct_horizon,
+                 forecast_horizon=cfg.horizon)
 
 
 @torch.no_grad()
-def evaluate(model, ds: Dataset, indices, cfg: C.RunConfig, device, batch_size: int = 1024) -> float:
-    """Mean squared error over all steps of the given windows (normalised units)."""
+def evaluate(model, ds: WindowSet, indices, cfg: C.RunConfig, device, batch_size: int = 1024) -> float:
+    """Validation MSE (normalised units) of the given windows.
+
+    Window splits (the seed's): over all steps of each window. ``tail``: over the points of the
+    validation tail only, each predicted from the points before it: a window's direct predictions
+    when the model has a direct head, else its last one-step prediction.
+    """
     model.eval()
     idx = torch.as_tensor(indices, dtype=torch.long)
     total, count = 0.0, 0
     for b in range(0, len(idx), batch_size):
         sel = idx[b:b + batch_size]
-        x, y = ds.x[sel].to(device), ds.y[sel].to(device)
-        pred = model(x, start_pos=window_start_pos(cfg, sel.to(device)))
+        x, y, ahead = ds.gather(sel)
+        x, y = x.to(device), y.to(device)
+        start = window_start_pos(cfg, ds.local_start(sel).to(device))
+        if ds.val_last_only and ahead is not None:
+            pred, y = model(x, start_pos=start, direct=True)[1], ahead.to(device)
+        elif ds.val_last_only:
+            pred, y = model(x, start_pos=start)[:, -1:], y[:, -1:]
+        else:
+            pred = model(x, start_pos=start)
         total += float(torch.sum((pred.float() - y) ** 2))
         count += y.numel()
-    return total / max(count, 1)
+    return total / count if count else float("nan")
 
 
 @dataclass
 class TrainResult:
     model: torch.nn.Module
-    dataset: Dataset
+    dataset: WindowSet
     history: list
     seconds: float
     epochs_run: int  # epochs trained by this call (fewer than history after a resume)
@@ -84,7 +115,7 @@ class _State:
     start_epoch: int
 
 
-def _initial_state(cfg: C.RunConfig, run_dir: str, resume: bool, device, dist) -> _State:
+def _initial_state(cfg: C.RunConfig, run_dir: str | None, ds: WindowSet, resume: bool, device, dist) -> _State:
     seed_everything(cfg.seed)
     model = build_model(cfg).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -93,9 +124,9 @@ def _initial_state(cfg: C.RunConfig, run_dir: str, resume: bool, device, dist) -
     shuffle = torch.Generator().manual_seed(cfg.seed)
     history: list[dict] = []
     start_epoch = 0
-    ckpt_path = os.path.join(run_dir, C.CHECKPOINT_FILE)
+    ckpt_path = os.path.join(run_dir, C.CHECKPOINT_FILE) if run_dir else None
     # Rank 0 reads the checkpoint and sends it to the others (no shared file system needed).
-    ckpt = dist.broadcast_call(lambda: open_for_resume(run_dir, ckpt_path)) if resume else None
+    ckpt = dist.broadcast_call(lambda: open_for_resume(run_dir, ckpt_path)) if resume and run_dir else None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         if optimizer is not None:
@@ -103,32 +134,41 @@ def _initial_state(cfg: C.RunConfig, run_dir: str, resume: bool, device, dist) -
         history = [json.loads(line) for line in ckpt["history"]]
         start_epoch = int(ckpt["epoch"])
         restore_rng(ckpt["rng"], shuffle)
-    elif dist.is_main:
+    elif dist.is_main and run_dir:
         atomic_write_json(os.path.join(run_dir, C.CONFIG_FILE), cfg.to_dict())
+        atomic_write_text(os.path.join(run_dir, SCALERS_FILE), ds.scalers_table())
     return _State(model, dist.wrap(model, device), params, optimizer, shuffle, history, start_epoch)
 
 
-def _train_epoch(st: _State, cfg: C.RunConfig, ds: Dataset, xy: tuple, epoch: int, device, dist) -> float:
-    """One pass over the shuffled training windows (``xy``: all windows on the device); the mean loss."""
-    train_idx = torch.as_tensor(ds.train_idx, dtype=torch.long)
-    x_all, y_all = xy
-    steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
+def epoch_windows(cfg: C.RunConfig, ds: WindowSet) -> int:
+    """Training windows per epoch: all of them, or ``windows_per_epoch`` when that is fewer."""
+    n = len(ds.train_idx)
+    return min(n, cfg.windows_per_epoch) if cfg.windows_per_epoch else n
+
+
+def _train_epoch(st: _State, cfg: C.RunConfig, ds: WindowSet, epoch: int, device, dist) -> tuple[float, int]:
+    """One epoch over shuffled training windows; (the mean loss, the windows seen)."""
+    train_idx = ds.train_idx
+    per_epoch = epoch_windows(cfg, ds)
+    steps_per_epoch = math.ceil(per_epoch / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     st.model.train()
-    order = train_idx[torch.randperm(len(train_idx), generator=st.shuffle)]
+    order = train_idx[torch.randperm(len(train_idx), generator=st.shuffle)][:per_epoch]
     loss_sum, seen = 0.0, 0
     for b in range(0, len(order), cfg.batch_size):
         batch = order[b:b + cfg.batch_size]
         # Noise is drawn for the whole global batch so every rank's generator stays in step.
-        noise = objectives.input_noise((len(batch), *x_all.shape[1:]), cfg.input_noise, st.shuffle)
+        noise = objectives.input_noise((len(batch), ds.time_steps, 1), cfg.input_noise, st.shuffle)
         sel, weight = dist.split_batch(batch)  # (whole batch, 1.0) in a single process
-        x, y = x_all[sel.to(device)], y_all[sel.to(device)]
+        x, y, ahead = ds.gather(sel)
+        x, y = x.to(device), y.to(device)
         if noise is not None:
             x = x + dist.split_batch(noise)[0].to(x.device, x.dtype)
         step = epoch * steps_per_epoch + b // cfg.batch_size
         with torch.set_grad_enabled(st.optimizer is not None):
-            loss = objectives.training_loss(st.net, x, y, window_start_pos(cfg, sel.to(device)), cfg,
-                                            aux_source=st.model)
+            loss = objectives.training_loss(st.net, x, y, window_start_pos(cfg, ds.local_start(sel).to(device)), cfg,
+                                            aux_source=st.model,
+                                            direct_target=None if ahead is None else ahead.to(device))
         batch_loss = dist.weighted_mean(float(loss.detach()), weight)  # the global batch's
         if not math.isfinite(batch_loss):
             raise TrainingError(
@@ -145,35 +185,35 @@ def _train_epoch(st: _State, cfg: C.RunConfig, ds: Dataset, xy: tuple, epoch: in
         batch_size = min(cfg.batch_size, len(order) - b)
         loss_sum += batch_loss * batch_size
         seen += batch_size
-    return loss_sum / seen
+    return loss_sum / seen, seen
 
 
-def _save_epoch(st: _State, cfg: C.RunConfig, ds: Dataset, run_dir: str, epoch: int) -> None:
+def _save_epoch(st: _State, cfg: C.RunConfig, ds: WindowSet, run_dir: str, epoch: int) -> None:
     lines = [json.dumps(r, sort_keys=True) for r in st.history]
     save_checkpoint(os.path.join(run_dir, C.CHECKPOINT_FILE), {
         "format": 1, "epoch": epoch + 1, "model": st.model.state_dict(),
         "optimizer": st.optimizer.state_dict() if st.optimizer is not None else {}, "history": lines,
         "rng": rng_state(st.shuffle), "config": json.dumps(cfg.to_dict()),
-        "normalizer": ds.normalizer.to_dict(),
+        "normalizer": ds.normalizer.to_dict() if ds.normalizer is not None else None,
+        "scalers": scalers_to_dict(ds.scalers),
     })
     atomic_write_text(os.path.join(run_dir, C.HISTORY_FILE), "\n".join(lines) + "\n")
 
 
-def train(cfg: C.RunConfig, run_dir: str, *, resume: bool = False, quiet: bool = False,
-          stop_after_epoch: int | None = None, dataset: Dataset | None = None) -> TrainResult:
-    """Train ``cfg`` writing into ``run_dir``; with ``resume`` continue from its checkpoint.
+def train(cfg: C.RunConfig, run_dir: str | None, *, resume: bool = False, quiet: bool = False,
+          stop_after_epoch: int | None = None, dataset: WindowSet | None = None, data=None) -> TrainResult:
+    """Train ``cfg`` writing into ``run_dir`` (None: write nothing); with ``resume`` continue from its checkpoint.
 
-    ``dataset`` is the prepared data when the caller has it already (so it is read once);
+    ``dataset`` is the windows when the caller has them already (so the data is read once);
+    else they are built from ``data`` (a panel, or a list of series), else from ``cfg.data``.
     ``stop_after_epoch`` ends the loop early after that epoch (used by tests of resume).
     """
     cfg.validate()
     device = distributed.training_device(C.resolve_device(cfg.device))
     dist = distributed.setup(device)  # single process: a no-op context
     quiet = quiet or not dist.is_main
-    ds = dataset or prepare(load_series(cfg.data, cfg.column), cfg.time_steps, cfg.split, cfg.val_fraction,
-                            cfg.split_seed)
-    st = _initial_state(cfg, run_dir, resume, device, dist)
-    xy = (ds.x.to(device), ds.y.to(device))
+    ds = dataset or windows_for(cfg, data, int(cfg.hparams.get("direct_horizon", 0) or 0))
+    st = _initial_state(cfg, run_dir, ds, resume, device, dist)
     t0 = time.perf_counter()
     bar = None
     if not quiet:
@@ -183,12 +223,12 @@ def train(cfg: C.RunConfig, run_dir: str, *, resume: bool = False, quiet: bool =
                    dynamic_ncols=True, leave=True)
     try:
         for epoch in range(st.start_epoch, cfg.epochs):
-            train_loss = _train_epoch(st, cfg, ds, xy, epoch, device, dist)
+            train_loss, seen = _train_epoch(st, cfg, ds, epoch, device, dist)
             val_part = dist.shard(ds.val_idx)
             val_loss = dist.weighted_mean(evaluate(st.model, ds, val_part, cfg, device), len(val_part))
-            st.history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
+            st.history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "windows": seen,
                                "seconds": round(time.perf_counter() - t0, 3)})
-            if dist.is_main:
+            if dist.is_main and run_dir:
                 _save_epoch(st, cfg, ds, run_dir, epoch)
             if bar is not None:
                 bar.update(1)

@@ -8,6 +8,12 @@ consistent when a window slides along a series.
 Cached decoding (``supports_cache = True``): ``init_cache`` allocates per-layer state, and
 ``step`` consumes one new step ``(B, 1, 1)`` at absolute position ``cache.pos`` and returns its
 prediction ``(B, 1, 1)``; feeding a whole window step by step equals ``forward`` on it.
+
+Direct multi-step forecasts (``supports_direct = True``): a model built with a direct horizon
+``H > 0`` (:attr:`direct_horizon`) also predicts the ``H`` steps after a window in one call:
+``forecast_direct(x, horizon, start_pos)`` returns ``(B, horizon, 1)`` for ``horizon <= H``, and
+``forward(x, start_pos, direct=True)`` returns ``(one-step predictions (B, T, 1), direct (B, H, 1))``
+from one pass (what training calls, so a distributed wrapper sees a plain forward).
 """
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ class ForecastModel(nn.Module):
     accepted_pes: ClassVar[tuple[str, ...]] = ("*",)
     #: Whether ``init_cache``/``step`` give cached autoregressive decoding.
     supports_cache: ClassVar[bool] = False
+    #: Whether the architecture can carry a direct multi-step head (``forecast_direct``).
+    supports_direct: ClassVar[bool] = False
     #: Hyper-parameter defaults (the CLI and ``create_model`` fill in from these).
     defaults: ClassVar[dict[str, Any]] = {}
 
@@ -37,3 +45,11 @@ class ForecastModel(nn.Module):
 
     def step(self, x_t: torch.Tensor, cache) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} does not support cached decoding")
+
+    @property
+    def direct_horizon(self) -> int:
+        """Steps the direct head predicts in one call (0: this model has none)."""
+        return 0
+
+    def forecast_direct(self, x: torch.Tensor, horizon: int, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no direct multi-step head")

@@ -15,6 +15,9 @@ Output options (the defaults are the configuration recommended in docs/results.m
   window's first step repeats that first value. ``None`` = the window length ``time_steps``; 0 = off.
 * ``codebook_projections``: learned ``Wq``/``Wo`` around the codebook attention (the codebook then
   lives in its own coordinates instead of the residual stream's).
+* ``direct_horizon``: ``H > 0`` adds a direct multi-step head, a linear map from the last step's
+  (normalised) hidden state to the ``H`` following values (increments over the last input when
+  ``residual``), trained alongside the one-step outputs (:meth:`forecast_direct`). 0 = none.
 * ``codebook_scale``: the score scale of the codebook attention; ``None`` = ``1 / sqrt(head size)``.
 
 ``recommended_training`` holds the training settings measured with these defaults; ``vqext run``
@@ -101,9 +104,10 @@ class VQFormerCache(KVCache):
 class VQFormer(ForecastModel):
     accepted_pes = ("*",)
     supports_cache = True
+    supports_direct = True
     defaults = dict(vocab_size=64, d_model=64, heads=4, kv_heads=None, depth=2, time_steps=96,
                     quantizer="soft", freeze_codebook=False, codebook_scale=None, commitment_weight=0.25,
-                    codebook_projections=True, residual=True, ar_skip=None)
+                    codebook_projections=True, residual=True, ar_skip=None, direct_horizon=0)
     arch_name = "vqformer"
     #: ``vqext run`` without ``--arch`` trains this architecture with this encoding.
     recommended_pe: ClassVar[str] = "rope"
@@ -125,6 +129,10 @@ class VQFormer(ForecastModel):
         if skip is not None and (isinstance(skip, bool) or not isinstance(skip, int) or skip < 0):
             raise ConfigError(f"{cls.arch_name}: ar_skip must be None (= time_steps), 0 (off) or a positive "
                               f"integer (the AR filter's length), got {skip!r}")
+        direct = hp["direct_horizon"]
+        if isinstance(direct, bool) or not isinstance(direct, int) or direct < 0:
+            raise ConfigError(f"{cls.arch_name}: direct_horizon must be 0 (no direct head) or a positive integer, "
+                              f"got {direct!r}")
         hd = head_size(cls.arch_name, hp["d_model"], hp["heads"])
         pe_cls = get_pe(pe)
         if pe_cls.mode == "rotate":
@@ -168,7 +176,13 @@ class VQFormer(ForecastModel):
         if self.ar_skip is not None:  # start from the network alone; the filter learns what it adds
             nn.init.zeros_(self.ar_skip.weight)
             nn.init.zeros_(self.ar_skip.bias)
+        # Built last, so a model without it initialises every other parameter as before.
+        self.direct_head = nn.Linear(d, hp["direct_horizon"]) if hp["direct_horizon"] else None
         self.aux_loss = torch.zeros(())
+
+    @property
+    def direct_horizon(self) -> int:
+        return self.direct_head.out_features if self.direct_head is not None else 0
 
     def _ar(self, history: torch.Tensor, n: int) -> torch.Tensor:
         """The AR path's outputs for the last ``n`` steps of ``history`` ``(B, m, 1)``."""
@@ -177,8 +191,8 @@ class VQFormer(ForecastModel):
         seq = F.pad(seq, (n + L - 1 - seq.shape[-1], 0), mode="replicate")
         return self.ar_skip(seq).transpose(1, 2)  # (B, n, 1)
 
-    def _run(self, x: torch.Tensor, start_pos, cache: KVCache | None, history: torch.Tensor | None = None
-             ) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, start_pos, cache: KVCache | None, history: torch.Tensor | None = None,
+             direct: bool = False):
         h = self.encoder(x)
         if self.input_pe is not None:
             h = self.input_pe(h, start_pos)
@@ -187,14 +201,27 @@ class VQFormer(ForecastModel):
             h, block_aux = block(h, start_pos, cache, layer)
             aux = aux + block_aux
         self.aux_loss = aux
-        y = self.decoder(self.norm_out(h))
+        h = self.norm_out(h)
+        y = self.decoder(h)
         if self.ar_skip is not None:
             y = y + self._ar(x if history is None else history, x.shape[1])
-        return x + y if self.residual else y
+        y = x + y if self.residual else y
+        if not direct:
+            return y
+        ahead = self.direct_head(h[:, -1]).unsqueeze(-1)  # (B, H, 1)
+        return y, (x[:, -1:] + ahead if self.residual else ahead)
 
-    def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor = 0, direct: bool = False):
         check_input(self, x)
-        return self._run(x, start_pos, None)
+        if direct and self.direct_head is None:
+            raise ValueError("this VQFormer has no direct head; build it with direct_horizon > 0")
+        return self._run(x, start_pos, None, direct=direct)
+
+    def forecast_direct(self, x: torch.Tensor, horizon: int, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
+        """The ``horizon`` (``<= direct_horizon``) values after window ``x`` ``(B, T, 1)``: ``(B, horizon, 1)``."""
+        if not 1 <= horizon <= self.direct_horizon:
+            raise ValueError(f"horizon must be within 1..{self.direct_horizon} (the direct head's), got {horizon}")
+        return self.forward(x, start_pos, direct=True)[1][:, :horizon]
 
     @torch.no_grad()
     def code_indices(self, x: torch.Tensor, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
