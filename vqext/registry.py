@@ -1,7 +1,8 @@
 """Discovery of architectures and positional encodings through Python entry points.
 
-Two entry-point groups, ``vqext.architectures`` (``ForecastModel`` subclasses) and
-``vqext.positional_encodings`` (``vqext.pe.PositionalEncoding`` subclasses). vqext's own
+Three entry-point groups, ``vqext.architectures`` (``ForecastModel`` subclasses),
+``vqext.positional_encodings`` (``vqext.pe.PositionalEncoding`` subclasses) and ``vqext.baselines``
+(factories of reference forecasters for ``vqext backtest``, see ``vqext.baselines``). vqext's own
 entries are declared in its ``pyproject.toml`` exactly like a plugin's.
 
 Rules:
@@ -31,8 +32,9 @@ from .errors import ConfigError, PluginError
 
 ARCH_GROUP = "vqext.architectures"
 PE_GROUP = "vqext.positional_encodings"
-GROUPS = {"arch": ARCH_GROUP, "pe": PE_GROUP}
-_KIND_WORD = {"arch": "architecture", "pe": "positional encoding"}
+BASELINE_GROUP = "vqext.baselines"
+GROUPS = {"arch": ARCH_GROUP, "pe": PE_GROUP, "baseline": BASELINE_GROUP}
+_KIND_WORD = {"arch": "architecture", "pe": "positional encoding", "baseline": "baseline"}
 BUILTIN_DIST = "vqext"
 
 
@@ -79,6 +81,11 @@ class Entry:
         return self.obj
 
     def _check_kind(self, obj) -> None:
+        if self.kind == "baseline":  # a factory: season -> forecaster (vqext.baselines)
+            if not callable(obj):
+                raise TypeError(f"{self.target} is {obj!r}, not callable (a baseline entry point is a factory "
+                                f"taking the season length)")
+            return
         from .models.base import ForecastModel
         from .pe.encodings import PositionalEncoding
 
@@ -173,6 +180,16 @@ def get_pe(name: str):
     return _lookup("pe", name).load()
 
 
+def get_baseline(name: str):
+    """The factory registered as baseline ``name`` (see ``vqext.baselines``)."""
+    return _lookup("baseline", name).load()
+
+
+def list_baselines(pattern: str = "*") -> list[str]:
+    """Registered baseline names matching a shell-style wildcard (imports nothing)."""
+    return [n for n in _entries("baseline") if fnmatch.fnmatchcase(n, pattern)]
+
+
 def list_archs(pattern: str = "*") -> list[str]:
     """Registered architecture names matching a shell-style wildcard (imports nothing)."""
     return [n for n in _entries("arch") if fnmatch.fnmatchcase(n, pattern)]
@@ -256,5 +273,5 @@ def describe() -> dict:
     return out
 
 
-__all__ = ["get_arch", "get_pe", "list_archs", "list_pes", "resolve_hparams", "create_model", "describe",
-           "refresh", "accepts", "Entry", "ARCH_GROUP", "PE_GROUP"]
+__all__ = ["get_arch", "get_pe", "get_baseline", "list_archs", "list_pes", "list_baselines", "resolve_hparams", "create_model", "describe",
+           "refresh", "accepts", "Entry", "ARCH_GROUP", "PE_GROUP", "BASELINE_GROUP"]
