@@ -150,3 +150,20 @@ def test_pip_install_of_the_plugin_adds_its_entries(tmp_path):
     lstm = next(e for e in data["architectures"] if e["name"] == "lstm")
     assert lstm["package"] == "vqext-baselines" and lstm["error"] is None
     assert "learned" in {e["name"] for e in data["positional_encodings"]}
+
+
+def test_plugin_baseline_runs_in_the_backtest(baselines):
+    pytest.importorskip("statsforecast")
+    import numpy as np
+    import pandas as pd
+
+    from vqext import backtest as B
+    from vqext.baselines import make_baseline
+
+    assert plugin_project()["entry-points"]["vqext.baselines"] == {"drift": "vqext_baselines.drift:drift"}
+    assert "drift" in registry.list_baselines()
+    y = np.array([1.0, 2.0, 4.0, 5.0, 7.0, 9.0, 10.0, 12.0])
+    df = pd.DataFrame({"unique_id": "a", "ds": np.arange(8), "y": y})
+    res = B.run_backtest(df, {"drift": lambda: make_baseline("drift", 1)}, horizon=2, windows=1)
+    # Origin 6: last value 9 plus the mean step (9 - 1) / 5 per step ahead.
+    assert np.allclose(res.forecasts.y_hat, [9 + 8 / 5, 9 + 16 / 5])
