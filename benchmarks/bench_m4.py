@@ -87,7 +87,7 @@ def with_test(train: pd.DataFrame, test: pd.DataFrame, horizon: int, path: str) 
 
 def model_factories(train_path: str, seeds: list[int], model_args: str, quiet: bool) -> dict:
     """One vqext forecaster per seed, configured as `vqext backtest` would be with ``model_args``."""
-    from vqext.backtest_cli import backtest, model_forecaster
+    from vqext.cli import backtest, model_forecaster
 
     out = {}
     for seed in seeds:
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
 
         R.write(result, args.out, title=f"M4 {frequency}, {mode}")
     if args.json:
-        from vqext.config import atomic_write_json
+        from vqext.io import atomic_write_json
 
         atomic_write_json(args.json, {
             "frequency": frequency, "horizon": horizon, "season": season, "series": n, "mode": mode,

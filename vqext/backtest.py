@@ -203,3 +203,45 @@ def refit_statement(result: BacktestResult) -> str:
         parts.append(f"trained once before the first origin: {', '.join(trained)}")
     return "; ".join(parts)
 
+
+class VqextForecaster:
+    """vqext's global training and forecasting behind the backtest's forecaster protocol."""
+
+    refits = False  # trained by fit(); predict() only conditions on the longer history
+
+    def __init__(self, cfg, quiet: bool = True):
+        self.cfg = cfg
+        self.quiet = quiet
+        self.fitted = None
+
+    @staticmethod
+    def _panel(frame, name: str):
+        from .data import Panel
+
+        return Panel.from_frame(frame, "unique_id", "ds", "y", source=name, name=name)
+
+    def fit(self, train):
+        from .forecasting import fit
+
+        self.fitted = fit(self.cfg, self._panel(train, "backtest-train"), quiet=self.quiet)
+        return self
+
+    def predict(self, h: int, history=None):
+        import vqext
+
+        out = vqext.forecast(self.fitted, self._panel(history, "backtest-history"), h)
+        return out[["unique_id", "step", "y_hat"]]
+
+
+def load_frame(spec: str | None, column):
+    """The data as a long frame ``unique_id, ds, y`` and a short label."""
+    import numpy as np
+    import pandas as pd
+
+    from . import data as D
+
+    if hasattr(D, "load_panel"):
+        panel = D.load_panel(spec, column=column)
+        return panel.to_frame(), panel.name
+    series = D.load_series(spec, column)
+    return pd.DataFrame({"unique_id": series.name, "ds": np.arange(len(series)), "y": series.values}), series.name

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from .backtest import BacktestResult, refit_statement
-from .config import atomic_savefig, atomic_write_text
+from .io import atomic_savefig, atomic_write_text
 
 COLUMNS = ("mae", "rmse", "mase", "smape", "owa")
 HEADERS = {"mae": "MAE", "rmse": "RMSE", "mase": "MASE", "smape": "sMAPE", "owa": "OWA", "seconds": "seconds",

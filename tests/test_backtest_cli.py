@@ -1,0 +1,70 @@
+"""`vqext backtest` end to end on the bundled airline series."""
+import importlib.util
+import os
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from vqext.cli import main
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, ["backtest", *args], catch_exceptions=False)
+
+
+def only_dir(root):
+    (label,) = os.listdir(root)
+    (stamp,) = os.listdir(os.path.join(root, label))
+    return os.path.join(root, label, stamp)
+
+
+def test_baselines_only_writes_tables_and_plots(tmp_path):
+    pytest.importorskip("statsforecast")
+    out = tmp_path / "runs"
+    res = invoke("--data", "bundled:airline", "-H", "12", "-K", "2", "-S", "6", "-m", "12", "--no-model",
+                 "--baselines", "naive,snaive", "--out", str(out), "--quiet")
+    assert res.exit_code == 0, res.output
+    assert "refit at each origin: naive, snaive" in res.output
+    d = only_dir(out)
+    assert sorted(os.listdir(d)) == ["backtest.md", "errors_by_window.png", "forecasts.csv", "forecasts.png",
+                                     "per_series.csv", "per_window.csv", "summary.csv"]
+    summary = pd.read_csv(os.path.join(d, "summary.csv")).set_index("model")
+    assert list(summary.index) == ["naive", "snaive"]
+    assert {"mae", "rmse", "mase", "smape", "owa", "seconds"} <= set(summary.columns)
+    # Seasonal naive is MASE's own scale: on airline's growing seasonal pattern it beats naive.
+    assert summary.loc["snaive", "mase"] < summary.loc["naive", "mase"]
+    fc = pd.read_csv(os.path.join(d, "forecasts.csv"))
+    assert sorted(fc.origin.unique()) == [144 - 12 - 6, 144 - 12]
+    # A second invocation writes a new folder and leaves the first alone.
+    invoke("--data", "bundled:airline", "-H", "12", "-m", "12", "--no-model", "--baselines", "naive",
+           "--out", str(out), "--quiet")
+    assert len(os.listdir(out / "backtest_airline")) == 2
+
+
+def test_bad_settings_are_one_line_and_write_nothing(tmp_path):
+    out = tmp_path / "runs"
+    res = CliRunner().invoke(main, ["backtest", "--data", "bundled:nile", "-H", "60", "-K", "3", "--no-model",
+                                    "--baselines", "none", "--out", str(out)])
+    assert res.exit_code != 0
+    res = CliRunner().invoke(main, ["backtest", "--data", "bundled:nile", "-H", "40", "-K", "3", "--no-model",
+                                    "--baselines", "naive", "--out", str(out)])
+    assert res.exit_code == 1
+    assert "has 100 points, too short for --horizon 40 --windows 3" in res.output
+    assert not out.exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vqext.forecasting") is None, reason="needs vqext.forecasting")
+def test_model_and_baselines_on_the_same_windows(tmp_path):
+    pytest.importorskip("statsforecast")
+    out = tmp_path / "runs"
+    res = invoke("--data", "bundled:airline", "-H", "12", "-K", "2", "-m", "12", "--baselines", "snaive",
+                 "--epochs", "1", "-T", "24", "--d-model", "8", "--vocab-size", "8", "--out", str(out), "--quiet")
+    assert res.exit_code == 0, res.output
+    assert "trained once before the first origin: vqext" in res.output
+    d = only_dir(out)
+    fc = pd.read_csv(os.path.join(d, "forecasts.csv"))
+    windows = {m: sorted(map(tuple, g[["unique_id", "origin", "step"]].values.tolist())) for m, g in fc.groupby("model")}
+    assert windows["vqext"] == windows["snaive"]
+    summary = pd.read_csv(os.path.join(d, "summary.csv")).set_index("model")
+    assert summary.loc["vqext", "seconds"] > 0
