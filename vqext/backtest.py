@@ -216,9 +216,13 @@ class VqextForecaster:
 
     @staticmethod
     def _panel(frame, name: str):
-        from .data import Panel
+        from . import data as D
 
-        return Panel.from_frame(frame, "unique_id", "ds", "y", source=name, name=name)
+        if hasattr(D, "Panel") and hasattr(D.Panel, "from_frame"):
+            return D.Panel.from_frame(frame, "unique_id", "ds", "y", source=name, name=name)
+        # A list of Series, one per id (vqext.forecasting accepts it as a panel).
+        return [D.Series(part["y"].to_numpy(dtype=np.float64), str(uid), name, "y")
+                for uid, part in frame.groupby("unique_id", sort=False)]
 
     def fit(self, train):
         from .forecasting import fit
