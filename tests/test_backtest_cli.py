@@ -22,7 +22,7 @@ def only_dir(root):
 def test_baselines_only_writes_tables_and_plots(tmp_path):
     pytest.importorskip("statsforecast")
     out = tmp_path / "runs"
-    res = invoke("--data", "bundled:airline", "-H", "12", "-K", "2", "-S", "6", "-m", "12", "--no-model",
+    res = invoke("--data", "bundled:airline", "--horizon", "12", "-K", "2", "-S", "6", "-m", "12", "--no-model",
                  "--baselines", "naive,snaive", "--out", str(out), "--quiet")
     assert res.exit_code == 0, res.output
     assert "refit at each origin: naive, snaive" in res.output
@@ -37,17 +37,17 @@ def test_baselines_only_writes_tables_and_plots(tmp_path):
     fc = pd.read_csv(os.path.join(d, "forecasts.csv"))
     assert sorted(fc.origin.unique()) == [144 - 12 - 6, 144 - 12]
     # A second invocation writes a new folder and leaves the first alone.
-    invoke("--data", "bundled:airline", "-H", "12", "-m", "12", "--no-model", "--baselines", "naive",
+    invoke("--data", "bundled:airline", "--horizon", "12", "-m", "12", "--no-model", "--baselines", "naive",
            "--out", str(out), "--quiet")
     assert len(os.listdir(out / "backtest_airline")) == 2
 
 
 def test_bad_settings_are_one_line_and_write_nothing(tmp_path):
     out = tmp_path / "runs"
-    res = CliRunner().invoke(main, ["backtest", "--data", "bundled:nile", "-H", "60", "-K", "3", "--no-model",
+    res = CliRunner().invoke(main, ["backtest", "--data", "bundled:nile", "--horizon", "60", "-K", "3", "--no-model",
                                     "--baselines", "none", "--out", str(out)])
     assert res.exit_code != 0
-    res = CliRunner().invoke(main, ["backtest", "--data", "bundled:nile", "-H", "40", "-K", "3", "--no-model",
+    res = CliRunner().invoke(main, ["backtest", "--data", "bundled:nile", "--horizon", "40", "-K", "3", "--no-model",
                                     "--baselines", "naive", "--out", str(out)])
     assert res.exit_code == 1
     assert "has 100 points, too short for --horizon 40 --windows 3" in res.output
@@ -58,7 +58,7 @@ def test_bad_settings_are_one_line_and_write_nothing(tmp_path):
 def test_model_and_baselines_on_the_same_windows(tmp_path):
     pytest.importorskip("statsforecast")
     out = tmp_path / "runs"
-    res = invoke("--data", "bundled:airline", "-H", "12", "-K", "2", "-m", "12", "--baselines", "snaive",
+    res = invoke("--data", "bundled:airline", "--horizon", "12", "-K", "2", "-m", "12", "--baselines", "snaive",
                  "--epochs", "1", "-T", "24", "--d-model", "8", "--vocab-size", "8", "--out", str(out), "--quiet")
     assert res.exit_code == 0, res.output
     assert "trained once before the first origin: vqext" in res.output

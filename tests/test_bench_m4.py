@@ -53,7 +53,7 @@ def test_validation_mode_holds_out_the_last_horizon(tmp_path):
     assert snaive["smape"] == pytest.approx(expected)
     assert snaive["mase"] == pytest.approx(1.5)
     assert res["models"]["naive"]["owa"] > snaive["owa"]
-    assert all(set(m) == {"smape", "mase", "owa", "seconds"} for m in res["models"].values())
+    assert all(set(m) == {"smape", "mase", "owa", "seconds", "cpu_seconds"} for m in res["models"].values())
 
 
 def test_test_mode_scores_the_test_file(tmp_path):

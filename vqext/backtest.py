@@ -59,6 +59,7 @@ class BacktestResult:
     forecasts: pd.DataFrame      # unique_id, window, origin, step, y, model, y_hat
     scores: pd.DataFrame         # one row per model, series and window: the metrics.Score fields
     seconds: dict[str, float]    # wall seconds of fit + predict, per model
+    cpu_seconds: dict[str, float]  # CPU seconds of this process in fit + predict (wall is noisy on a shared machine)
     refits: dict[str, bool]      # per model: re-estimated at every origin
     series: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
     models: list[str] = field(default_factory=list)
@@ -66,7 +67,7 @@ class BacktestResult:
     def summary(self) -> pd.DataFrame:
         """Per model over all series and windows (M4 aggregation), with seconds."""
         rows = [{"model": m, **self._aggregate(self.scores[self.scores.model == m]),
-                 "seconds": self.seconds[m], "refit": self.refits[m]} for m in self.models]
+                 "seconds": self.seconds[m], "cpu_seconds": self.cpu_seconds[m], "refit": self.refits[m]} for m in self.models]
         return pd.DataFrame(rows)
 
     def per_series(self) -> pd.DataFrame:
@@ -152,20 +153,21 @@ def run_backtest(frame: pd.DataFrame, forecasters: dict[str, Factory], *, horizo
     check_windows({u: len(v) for u, v in series.items()}, horizon, windows, step, season)
     origins = {uid: window_origins(len(v), horizon, windows, step) for uid, v in series.items()}
     ids = list(series)
-    rows, seconds, refits = [], {}, {}
+    rows, seconds, cpu_seconds, refits = [], {}, {}, {}
     for name, factory in forecasters.items():
-        forecaster, spent = None, 0.0
+        forecaster, spent, cpu = None, 0.0, 0.0
         for k in range(windows):
             history = _history(series, {u: origins[u][k] for u in ids})
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             if forecaster is None or refit:
                 forecaster = factory()
                 if k == 0 and hasattr(forecaster, "warmup"):
                     forecaster.warmup()
-                    started = time.perf_counter()
+                    started, cpu_started = time.perf_counter(), time.process_time()
                 forecaster.fit(history)
             pred = forecaster.predict(horizon, history=history)
             spent += time.perf_counter() - started
+            cpu += time.process_time() - cpu_started
             pred = _check_prediction(pred, name, ids, horizon)
             for uid, part in pred.groupby("unique_id", sort=False):
                 part = part.sort_values("step")
@@ -176,11 +178,12 @@ def run_backtest(frame: pd.DataFrame, forecasters: dict[str, Factory], *, horizo
             if progress:
                 progress(f"{name}: window {k + 1}/{windows} ({spent:.1f} s)")
         seconds[name] = spent
+        cpu_seconds[name] = cpu
         refits[name] = bool(refit or getattr(forecaster, "refits", False))
     forecasts = pd.concat(rows, ignore_index=True)
     scores = _score(forecasts, series, season)
-    return BacktestResult(horizon, windows, step, season, refit, forecasts, scores, seconds, refits, series,
-                          list(forecasters))
+    return BacktestResult(horizon, windows, step, season, refit, forecasts, scores, seconds, cpu_seconds, refits,
+                          series, list(forecasters))
 
 
 def _score(forecasts: pd.DataFrame, series: dict[str, np.ndarray], season: int) -> pd.DataFrame:

@@ -11,7 +11,7 @@ from .backtest import BacktestResult, refit_statement
 from .io import atomic_savefig, atomic_write_text
 
 COLUMNS = ("mae", "rmse", "mase", "smape", "owa")
-HEADERS = {"mae": "MAE", "rmse": "RMSE", "mase": "MASE", "smape": "sMAPE", "owa": "OWA", "seconds": "seconds",
+HEADERS = {"mae": "MAE", "rmse": "RMSE", "mase": "MASE", "smape": "sMAPE", "owa": "OWA", "seconds": "seconds", "cpu_seconds": "CPU seconds",
            "model": "model", "unique_id": "series", "refit": "refit at each origin"}
 PLOT_SERIES = 4  # series drawn in forecasts.png
 
@@ -29,7 +29,7 @@ def settings_lines(result: BacktestResult, with_owa: bool) -> list[str]:
 
 
 def _table(frame: pd.DataFrame, keys: list[str], with_owa: bool) -> tuple[list[str], list[list]]:
-    cols = keys + [c for c in COLUMNS if with_owa or c != "owa"] + [c for c in ("seconds",) if c in frame]
+    cols = keys + [c for c in COLUMNS if with_owa or c != "owa"] + [c for c in ("seconds", "cpu_seconds") if c in frame]
     return [HEADERS[c] for c in cols], frame[cols].values.tolist()
 
 

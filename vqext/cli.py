@@ -581,9 +581,16 @@ def model_forecaster(arch, pe, seed, freeze_codebook, quiet, kw):
     return (lambda: VqextForecaster(cfg, quiet=quiet)), label
 
 
+def _horizon_option(f):
+    """``--horizon`` unless the run options already have it (then the backtest's H is the run's H)."""
+    if any(p.name == "horizon" for p in run.params):
+        return f
+    return click.option("--horizon", type=int, default=None, help="points forecast from each origin.")(f)
+
+
 @main.command()
 @_common_training_options(sweep=False)
-@click.option("--horizon", "-H", type=int, required=True, help="points forecast from each origin.")
+@_horizon_option
 @click.option("--windows", "-K", type=int, default=1, show_default=True, help="forecast origins per series.")
 @click.option("--step", "-S", type=int, default=None, help="points between origins (default: the horizon).")
 @click.option("--season", "-m", type=int, default=None,
@@ -596,7 +603,7 @@ def model_forecaster(arch, pe, seed, freeze_codebook, quiet, kw):
                    "AutoTheta, AutoARIMA with vqext[baselines], and plugins').")
 @click.option("--model/--no-model", "with_model", default=True, show_default=True,
               help="include the vqext model (--no-model: baselines only).")
-def backtest(arch, pe, seed, freeze_codebook, quiet, out, cache, horizon, windows, step, season, refit,
+def backtest(arch, pe, seed, freeze_codebook, quiet, out, cache, windows, step, season, refit,
              baselines_spec, with_model, **kw):
     """Rolling-origin evaluation of a vqext model against the baselines, on the same windows.
 
@@ -608,14 +615,17 @@ def backtest(arch, pe, seed, freeze_codebook, quiet, out, cache, horizon, window
     \b
     Examples:
       vqext backtest --data bundled:airline --horizon 12 --windows 3 --season 12
-      vqext backtest --data bundled:airline -H 12 -K 4 -S 6 -m 12 --refit --epochs 20
-      vqext backtest --data bundled:nile -H 10 -K 3 --no-model --baselines naive,AutoTheta
+      vqext backtest --data bundled:airline --horizon 12 -K 4 -S 6 -m 12 --refit --epochs 20
+      vqext backtest --data bundled:nile --horizon 10 -K 3 --no-model --baselines naive,AutoTheta
     """
     from . import backtest as B
     from . import backtest_report as R
     from . import baselines as BL
     from .config import new_run_dir
 
+    horizon = kw.get("horizon")
+    if not horizon or horizon < 1:
+        raise click.BadParameter("give the points to forecast from each origin (at least 1)", param_hint="--horizon")
     frame, name = B.load_frame(kw["data"], kw["column"])
     names, note = BL.resolve_baselines(baselines_spec)
     if note and not quiet:
