@@ -1,5 +1,4 @@
 """benchmarks/bench_m4.py on a tiny fake M4 file (validation and test modes)."""
-import csv
 import json
 import os
 import subprocess
@@ -15,13 +14,13 @@ BENCH = os.path.join(ROOT, "benchmarks", "bench_m4.py")
 
 
 def write_m4(path, rows):
-    """M4 layout: a V1..Vn header, the id first, shorter rows padded with empty cells."""
+    """The published M4 layout: a quoted V1..Vn header, quoted id and values, shorter rows padded
+    with empty (unquoted) cells."""
     width = 1 + max(len(v) for v in rows.values())
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh, quoting=csv.QUOTE_NONNUMERIC)
-        w.writerow([f"V{i + 1}" for i in range(width)])
-        for uid, values in rows.items():
-            w.writerow([uid] + [float(v) for v in values] + [""] * (width - 1 - len(values)))
+    lines = [",".join(f'"V{i + 1}"' for i in range(width))]
+    for uid, values in rows.items():
+        lines.append(",".join([f'"{uid}"'] + [f'"{float(v)!r}"' for v in values] + [""] * (width - 1 - len(values))))
+    path.write_text("\n".join(lines) + "\n")
 
 
 def series(n, phase):

@@ -37,6 +37,9 @@ def test_acf_and_seasonality_test_by_hand():
     assert not M.seasonality_test(x, 4)
     assert M.seasonality_test(x, 3)  # r3 = 0.875 against 1.645 / sqrt(24) * sqrt(1 + 2 (r1^2 + r2^2)) = 0.461
     assert not M.seasonality_test(x[:8], 3)  # fewer than 3 seasons of data: never seasonal
+    # Season 24 needs floor(10 log10 n) >= 24 (R's default acf lags), i.e. n >= 252.
+    daily = np.tile(np.r_[np.ones(12), 3 * np.ones(12)], 12)
+    assert M.seasonality_test(daily[:252], 24) and not M.seasonality_test(daily[:251], 24)
 
 
 SEASONAL = np.array([10, 20, 30, 40, 12, 22, 32, 42, 14, 24, 34, 44], dtype=float)

@@ -81,9 +81,14 @@ def acf(x, max_lag: int) -> np.ndarray:
 
 
 def seasonality_test(x, season: int) -> bool:
-    """M4's test: |r_m| > 1.645 * sqrt((1 + 2 * sum_{k<m} r_k^2) / n); never with fewer than 3m points."""
+    """M4's test: |r_m| > 1.645 * sqrt((1 + 2 * sum_{k<m} r_k^2) / n); never with fewer than 3m points
+    or with m beyond R's default acf lags."""
     x = np.asarray(x, dtype=np.float64)
     if season <= 1 or len(x) < 3 * season:
+        return False
+    # M4's R code reads lag m from acf()'s default lags, 1..floor(10 log10 n); a longer season is NA
+    # there, which the test counts as not seasonal (e.g. season 24 with fewer than 252 points).
+    if int(np.floor(10 * np.log10(len(x)))) < season:
         return False
     r = acf(x, season)
     limit = SEASONALITY_TCRIT / np.sqrt(len(x)) * np.sqrt(1.0 + 2.0 * np.sum(r[:season - 1] ** 2))
