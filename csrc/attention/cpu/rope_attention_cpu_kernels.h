@@ -197,6 +197,13 @@ inline void gemm_auto(int M, int N, int K, const A* a, int64_t a_rs, int64_t a_k
   }
 }
 
+// Staged head width: whole vectors, and a multiple of 4, since the dK^T, dV^T GEMMs take dp as
+// their row count in blocks of 4 rows (the portable double vectors hold only 2 lanes).
+template <typename A>
+inline int64_t padded_head(int64_t d) {
+  return round_up(d, Vec<A>::W < 4 ? 4 : Vec<A>::W);
+}
+
 constexpr int kTileKeys = 64;
 constexpr int kTileQueries = 32;
 
@@ -460,7 +467,7 @@ void forward_kernel(const Problem& pr, const T* q, const T* k, const T* v, T* ou
   // Query sub-tiles of BQ rows keep their BQ x BK score tile within 16 KiB (half of L1) for the
   // softmax passes and the second GEMM: 32 rows for the standard 64-key tile, 8 for 512 keys.
   constexpr int QC = kChunkQueries, BQ = std::min(kTileQueries, 4096 / BK);
-  const int64_t d = pr.d, dp = DP > 0 ? DP : round_up(d, Vec<A>::W);
+  const int64_t d = pr.d, dp = DP > 0 ? DP : padded_head<A>(d);
   const int64_t nqc = (pr.Tq + QC - 1) / QC;
   const A qscale = static_cast<A>(pr.scale * 1.4426950408889634);  // scale * log2(e): base-2 softmax
   const int64_t grain = work_grain(pr.B * pr.Hq * nqc, static_cast<double>(pr.B) * pr.Hq * pr.Tq * pr.Tk * pr.d);
@@ -707,7 +714,7 @@ void backward_kernel(const Problem& pr, const T* gout, const T* q, const T* k, c
                      const A* Drow, T* dq, A* dk_out, A* dv_out, int64_t partial_stride, int64_t nthreads,
                      const RopeTable<A>& tab, int64_t grain) {
   constexpr int BQ = kTileQueries, BK = kTileKeys;
-  const int64_t d = pr.d, dp = DP > 0 ? DP : round_up(d, Vec<A>::W);
+  const int64_t d = pr.d, dp = DP > 0 ? DP : padded_head<A>(d);
   const int64_t nkb = (pr.Tk + BK - 1) / BK;
   const int64_t tq4 = round_up(pr.Tq, 4);
   const A log2e = static_cast<A>(1.4426950408889634), ln2 = static_cast<A>(0.6931471805599453);
@@ -1190,7 +1197,7 @@ void run_forward(const Problem& pr, const T* q, const T* k, const T* v, T* out, 
   if (lanes_forward(pr))
     return pr.d <= 8 ? forward_lanes_kernel<T, T, 8>(pr, q, k, v, out, lse, tab)
                      : forward_lanes_kernel<T, T, 16>(pr, q, k, v, out, lse, tab);
-  dispatch_head_size(round_up(pr.d, Vec<T>::W), [&](auto DPc) {
+  dispatch_head_size(padded_head<T>(pr.d), [&](auto DPc) {
     constexpr int DP = decltype(DPc)::value;
     // Head size 64 over many unmasked keys (a codebook) takes wider tiles: the per-row softmax
     // bookkeeping (max, rescale of the output rows) is spread over more scores; a whole
@@ -1216,7 +1223,7 @@ void run_backward(const Problem& pr, const T* gout, const T* q, const T* k, cons
   if (pr.d <= kLanesBackwardMaxHead)
     return backward_lanes_kernel<T, T, 8>(pr, gout, q, k, v, lse, Drow, dq, dk_out, dv_out, partial_stride, nthreads,
                                           tab, grain);
-  dispatch_head_size(round_up(pr.d, Vec<T>::W), [&](auto DPc) {
+  dispatch_head_size(padded_head<T>(pr.d), [&](auto DPc) {
     backward_kernel<T, T, decltype(DPc)::value>(pr, gout, q, k, v, lse, Drow, dq, dk_out, dv_out, partial_stride,
                                                 nthreads, tab, grain);
   });
