@@ -1,6 +1,9 @@
 """Build vqext._C against the torch that is already installed.
 
-CPU kernels are always built (OpenMP, AVX2 baseline; AVX-512 paths are chosen at run time).
+CPU kernels are always built (OpenMP). Every translation unit is compiled for the compiler's
+baseline target, with no ISA flags, so the build works on any architecture; the x86-64 AVX2 and
+AVX-512 kernels switch their own target inside their translation units (#pragma GCC target) and
+are chosen at run time (csrc/common/cpu_features.h).
 CUDA kernels are built when nvcc and a CUDA build of torch are present; VQEXT_CUDA=0|1 forces it.
 TORCH_CUDA_ARCH_LIST and MAX_JOBS are honoured by torch's BuildExtension.
 """
@@ -55,7 +58,7 @@ def write_build_info(with_cuda: bool) -> None:
 with_cuda = want_cuda()
 write_build_info(with_cuda)
 
-cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-fno-math-errno",
+cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno",
              f'-DVQEXT_TORCH_VERSION="{torch.__version__}"']
 if os.environ.get("VQEXT_SANITIZE"):
     cxx_flags = [f for f in cxx_flags if f != "-O3"] + ["-O1", "-g", "-fno-omit-frame-pointer",

@@ -28,6 +28,9 @@ pybind11::dict build_info() {
 #endif
   d["avx2"] = vqext::cpu_has_avx2();
   d["avx512"] = vqext::cpu_has_avx512();
+  // Kernels in use: VQEXT_CPU_ISA caps the available set (an unknown value raises ValueError here).
+  d["cpu_isa_available"] = std::string(vqext::cpu_isa_name(vqext::cpu_isa_available()));
+  d["cpu_isa"] = std::string(vqext::cpu_isa_name(vqext::cpu_isa()));
   d["compiler"] = std::string(__VERSION__);
   return d;
 }

@@ -143,11 +143,17 @@ def test_all_codes_equal_picks_zero():
 
 
 @native
-def test_avx2_path_agrees():
-    # The instruction set is chosen once per process, so the AVX2 kernel runs in a child.
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+def test_each_instruction_set_agrees(isa):
+    # The instruction set is chosen once per process (VQEXT_CPU_ISA caps it), so each runs in a
+    # child; a level the CPU lacks falls back to the best it has, which the child checks.
     code = (
-        "import torch, vqext\n"
+        "import torch, vqext, vqext._native as n\n"
         "from vqext.ops import nearest_code, nearest_code_reference\n"
+        "info = n.build_info()\n"
+        "order = ['portable', 'avx2', 'avx512']\n"
+        f"want = min(order.index({isa!r}), order.index(info['cpu_isa_available']))\n"
+        "assert info['cpu_isa'] == order[want], info\n"
         "g = torch.Generator().manual_seed(0)\n"
         "for D in (3, 8, 16, 64, 70):\n"
         "  for K in (1, 9, 513):\n"
@@ -155,9 +161,29 @@ def test_avx2_path_agrees():
         "    c = torch.randint(-2, 3, (2, K, D), generator=g).float()\n"
         "    for m in ('l2', 'ip'):\n"
         "      assert torch.equal(nearest_code(x, c, m)[0], nearest_code_reference(x, c, m)[0]), (D, K, m)\n"
+        "x, c = torch.randn(700, 4, 24, generator=g), torch.randn(4, 300, 24, generator=g)\n"
+        "i, s = nearest_code(x, c)\n"
+        "ri, rs = nearest_code_reference(x, c)\n"
+        "assert torch.equal(i, ri)\n"
+        "torch.testing.assert_close(s, rs)\n"
     )
-    env = dict(os.environ, VQEXT_DISABLE_AVX512="1")
+    env = dict(os.environ, VQEXT_CPU_ISA=isa)
+    env.pop("VQEXT_DISABLE_AVX512", None)
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+@native
+def test_unknown_cpu_isa_names_the_variable():
+    code = (
+        "import warnings\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "  warnings.simplefilter('always')\n"
+        "  import vqext._native as n\n"
+        "assert not n.native_available()\n"
+        "msgs = [str(x.message) for x in w]\n"
+        "assert any('VQEXT_CPU_ISA must be portable, avx2 or avx512' in m and 'sse9' in m for m in msgs), msgs\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, VQEXT_CPU_ISA="sse9"))
 
 
 @pytest.mark.parametrize("threads", [1, 2])

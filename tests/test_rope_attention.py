@@ -245,10 +245,13 @@ for (B, Hq, Tq, Bk, Hk, Tk, d, kw) in [
         (3, 2, 40, 1, 2, 130, 64, dict(scale=0.1)),
         (2, 4, 150, 2, 2, 150, 64, dict(causal=True, rope_q=True, rope_k=True)),
         (2, 2, 60, 2, 2, 600, 8, dict(causal=True, rope_q=True, rope_k=True, q_offset=540)),
-        (2, 2, 33, 2, 2, 70, 16, dict(rope_k=True, k_offset=3))]:
-    q = torch.randn(B, Hq, Tq, d, generator=g).requires_grad_()
-    k = torch.randn(Bk, Hk, Tk, d, generator=g).requires_grad_()
-    v = torch.randn(Bk, Hk, Tk, d, generator=g).requires_grad_()
+        (2, 2, 33, 2, 2, 70, 16, dict(rope_k=True, k_offset=3)),
+        (3, 2, 20, 1, 2, 300, 8, dict(dtype=torch.float64, scale=0.3)),
+        (2, 2, 40, 2, 2, 300, 12, dict(dtype=torch.float64, causal=True, rope_q=True, rope_k=True))]:
+    dtype = kw.pop("dtype", torch.float32)
+    q = torch.randn(B, Hq, Tq, d, generator=g, dtype=dtype).requires_grad_()
+    k = torch.randn(Bk, Hk, Tk, d, generator=g, dtype=dtype).requires_grad_()
+    v = torch.randn(Bk, Hk, Tk, d, generator=g, dtype=dtype).requires_grad_()
     out = rope_attention(q, k, v, **kw)
     res.append([out.detach(), *torch.autograd.grad(out, (q, k, v), torch.ones_like(out))])
 torch.save(res, sys.argv[1])
@@ -256,22 +259,25 @@ torch.save(res, sys.argv[1])
 
 
 @native
-def test_avx2_and_avx512_paths_agree(tmp_path):
-    """The AVX-512 kernels (taken at run time where the CPU has them) and the AVX2 ones (forced by
-    VQEXT_DISABLE_AVX512=1) agree to rounding; on a CPU without AVX-512 both runs take AVX2."""
+def test_instruction_sets_agree(tmp_path):
+    """The kernels of each instruction set (VQEXT_CPU_ISA=avx512, avx2, portable; a level the CPU
+    lacks falls back to the best it has) agree to rounding, in float32 and float64, for the tile
+    and key-lane kernels."""
     import os
     import subprocess
     import sys
 
     results = []
-    for disable in ("0", "1"):
-        path = tmp_path / f"out{disable}.pt"
-        env = dict(os.environ, VQEXT_DISABLE_AVX512=disable, OMP_NUM_THREADS="1")
+    for isa in ("avx512", "avx2", "portable"):
+        path = tmp_path / f"out_{isa}.pt"
+        env = dict(os.environ, VQEXT_CPU_ISA=isa, OMP_NUM_THREADS="1")
+        env.pop("VQEXT_DISABLE_AVX512", None)
         subprocess.run([sys.executable, "-c", _PATH_SCRIPT, str(path)], env=env, check=True)
         results.append(torch.load(path))
-    for case_wide, case_avx2 in zip(*results):
-        for a, b in zip(case_wide, case_avx2):
-            torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+    for other in results[1:]:
+        for case_wide, case_other in zip(results[0], other):
+            for a, b in zip(case_wide, case_other):
+                torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
 
 
 @native

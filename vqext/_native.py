@@ -3,6 +3,8 @@
 The extension registers the ``torch.ops.vqext.*`` operators. When it is missing, was built
 against another torch, or fails to load, vqext still imports: it warns once and every op runs
 its pure-PyTorch reference. ``VQEXT_NO_NATIVE=1`` forces the reference path.
+``VQEXT_CPU_ISA=portable|avx2|avx512`` caps the instruction set of the CPU kernels (read by _C; an
+unknown value is reported here and the reference ops are used).
 """
 from __future__ import annotations
 
@@ -40,8 +42,13 @@ def _load() -> None:
     except Exception as exc:  # ImportError, OSError (missing symbols), ...
         _state["error"] = f"the native extension failed to load: {exc}"
         return
+    try:
+        info = dict(_C.build_info())
+    except ValueError as exc:  # an unknown VQEXT_CPU_ISA
+        _state["error"] = str(exc)
+        return
     _state["loaded"] = True
-    _state["info"] = dict(_C.build_info())
+    _state["info"] = info
 
 
 _load()

@@ -54,11 +54,8 @@ def collect_info() -> dict:
 
     bi = _native.build_info()
     cuda_active = bool(_native.native_available() and _native.cuda_compiled() and torch.cuda.is_available())
-    features = []
-    if bi.get("avx2"):
-        features.append("avx2")
-    if bi.get("avx512"):
-        features.append("avx512")
+    # The CPU kernels' instruction set in use (VQEXT_CPU_ISA caps it), as the features it uses.
+    features = {"portable": ["portable"], "avx2": ["avx2"], "avx512": ["avx2", "avx512"]}.get(bi.get("cpu_isa"), [])
     return {
         "vqext": __version__,
         "torch": torch.__version__,

@@ -9,25 +9,23 @@
 //
 // The tile products are written as small register-blocked GEMMs on GCC vector types, so one code
 // path serves every head size; head sizes 8, 16 and 64 get compile-time trip counts. That code
-// (rope_attention_cpu_kernels.h) is compiled twice, for AVX2 + FMA and for AVX-512, and the
-// AVX-512 copy is taken at run time where the CPU has it (VQEXT_DISABLE_AVX512=1 forces AVX2).
+// (rope_attention_cpu_kernels.h) is compiled once per instruction set, in its own translation
+// unit (rope_attention_cpu_{portable,avx2,avx512}.cpp); this file picks one per call from
+// vqext::cpu_isa() (VQEXT_CPU_ISA=portable|avx2|avx512 caps it).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
-#include <memory>
 #include <utility>
 #include <vector>
 
 #include "../../common/cpu_features.h"
 #include "../attention_common.h"
+#include "rope_attention_cpu.h"
 
 namespace vqext {
 namespace attention {
@@ -36,16 +34,6 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // RoPE tables: cos/sin of pos * base^(-2i/d) for every position any batch element needs, stored
 // once per distinct position (batches with equal offsets share rows).
-template <typename A>
-struct RopeTable {
-  int64_t half = 0;
-  std::vector<A> cos_, sin_;
-  std::vector<int64_t> q_row, k_row;  // row of position (start of batch b) for q and k
-
-  const A* cos_row(int64_t row) const { return cos_.data() + row * half; }
-  const A* sin_row(int64_t row) const { return sin_.data() + row * half; }
-};
-
 template <typename A>
 RopeTable<A> build_table(int64_t d, double base, const std::vector<int64_t>* qstart, int64_t Tq,
                          const std::vector<int64_t>* kstart, int64_t Tk) {
@@ -102,76 +90,23 @@ RopeTable<A> build_table(int64_t d, double base, const std::vector<int64_t>* qst
   return t;
 }
 
-// dst[c] = scale * (R x)[c] (sign = -1 applies R^T); zero-pads dst to dp entries.
-template <typename T, typename A>
-inline void rotate_row(const T* x, A* dst, int64_t d, int64_t dp, A scale, const A* cs, const A* sn, A sign) {
-  if (cs) {
-    for (int64_t i = 0; i < d / 2; ++i) {
-      const A x0 = static_cast<A>(x[2 * i]), x1 = static_cast<A>(x[2 * i + 1]);
-      const A c = cs[i], s = sign * sn[i];
-      dst[2 * i] = scale * (x0 * c - x1 * s);
-      dst[2 * i + 1] = scale * (x0 * s + x1 * c);
-    }
-  } else {
-    for (int64_t c = 0; c < d; ++c) dst[c] = scale * static_cast<A>(x[c]);
-  }
-  for (int64_t c = d; c < dp; ++c) dst[c] = A(0);
-}
-
-// Head sizes are at most kMaxHeadSize (checked by the op); padded to a vector width they stay
-// within this bound, which sizes per-thread staging buffers.
-constexpr int64_t kMaxPaddedHead = kMaxHeadSize;
-
-struct Problem {
-  int64_t B, Hq, Tq, Bk, Hk, Tk, d, group;
-  bool causal, rope_q, rope_k;
-  double scale, base;
-  std::vector<int64_t> qpos, kpos;  // absolute position of row 0, per query batch
-  bool kv_grad = true;              // backward: also dk, dv (false: dq only)
-};
-
-// Number of keys of block [kb, kb + nk) that query row i (absolute position qp) sees.
-inline int visible_keys(const Problem& pr, int64_t qp, int64_t kp_block, int nk) {
-  if (!pr.causal) return nk;
-  const int64_t lim = qp - kp_block + 1;
-  return static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(nk, lim)));
-}
-
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-// Small problems run on the calling thread: waking a thread team costs more than they take.
-inline int64_t work_grain(int64_t tasks, double flops) { return flops < 262144.0 ? std::max<int64_t>(tasks, 1) : 1; }
-
-// The forward's key-lane kernel (head sizes up to 16) pays a fixed cost per query row (lane
-// reductions, the softmax bookkeeping of partly masked blocks): it wins over the tile GEMMs once
-// rows see a few hundred keys (codebooks, long contexts), and loses on short ones (causal T = 96).
-inline bool lanes_forward(const Problem& pr) { return pr.d <= 16 && pr.Tk >= 256; }
-
-// ---------------------------------------------------------------------------------------------
-// The tile kernels, compiled twice: for the AVX2 + FMA baseline and, chosen at run time on CPUs
-// that have it, for AVX-512 (twice the lanes, twice the registers).
-namespace isa_avx2 {
-#define VQEXT_VEC_BYTES 32
-#include "rope_attention_cpu_kernels.h"
-#undef VQEXT_VEC_BYTES
-}  // namespace isa_avx2
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
-namespace isa_avx512 {
-#define VQEXT_VEC_BYTES 64
-#include "rope_attention_cpu_kernels.h"
-#undef VQEXT_VEC_BYTES
-}  // namespace isa_avx512
-#pragma GCC pop_options
-
-// AVX-512 where the CPU has it and the head size fills its vectors (small head sizes would be
-// zero-padded to 16 lanes, which costs more than the wider vectors gain), or for the small head
-// sizes whose kernels lay keys along the lanes.
+// The kernels of the instruction set in use: AVX-512 where it is in use and the head size fills
+// its vectors (small head sizes would be zero-padded to 16 lanes, which costs more than the wider
+// vectors gain), or for the small head sizes whose kernels lay keys along the lanes; otherwise
+// AVX2 where it is in use, else the portable kernels.
 template <typename A>
-bool use_avx512(const Problem& pr, bool forward) {
-  const bool lanes = forward ? lanes_forward(pr) : pr.d <= isa_avx512::kLanesBackwardMaxHead;
-  return cpu_has_avx512() && (pr.d % isa_avx512::Vec<A>::W == 0 || lanes);
+const AttentionKernelsOf<A>& kernels_for(const Problem& pr, bool forward) {
+  const CpuIsa isa = cpu_isa();
+#if VQEXT_X86_KERNELS
+  if (isa == CpuIsa::kAvx512) {
+    const AttentionKernels& wide = attention_kernels_avx512();
+    const bool lanes = forward ? lanes_forward(pr) : pr.d <= wide.lanes_backward_max_head;
+    if (pr.d % wide.of<A>().lanes == 0 || lanes) return wide.of<A>();
+  }
+  if (isa != CpuIsa::kPortable) return attention_kernels_avx2().of<A>();
+#endif
+  (void)isa;
+  return attention_kernels_portable().of<A>();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -209,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor> rope_attention_fwd_cpu(const at::Tensor& q_in
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rope_attention_fwd_cpu", [&] {
     using A = scalar_t;
     const RopeTable<A> tab = tables_for<A>(pr);
-    (use_avx512<A>(pr, true) ? isa_avx512::run_forward<A> : isa_avx2::run_forward<A>)(
+    kernels_for<A>(pr, true).forward(
         pr, q.data_ptr<A>(), k.data_ptr<A>(), v.data_ptr<A>(), out.data_ptr<A>(), lse.data_ptr<A>(), tab);
   });
   return {out, lse};
@@ -241,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_bwd_cpu(
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rope_attention_bwd_cpu", [&] {
     using A = scalar_t;
     const RopeTable<A> tab = tables_for<A>(pr);
-    (use_avx512<A>(pr, false) ? isa_avx512::run_backward<A> : isa_avx2::run_backward<A>)(
+    kernels_for<A>(pr, false).backward(
         pr, gout.data_ptr<A>(), q.data_ptr<A>(), k.data_ptr<A>(), v.data_ptr<A>(), lse.data_ptr<A>(),
         Drow.data_ptr<A>(), dq.data_ptr<A>(), dk_acc.data_ptr<A>(), dv_acc.data_ptr<A>(), kv_numel, nthreads, tab,
         grain);

@@ -1,7 +1,16 @@
-// AVX2 + FMA nearest-code kernel: the portable baseline (the whole library is built with -mavx2).
+// AVX2 + FMA nearest-code kernel (x86-64), taken where vqext::cpu_isa() is avx2. The unit is
+// compiled for the baseline target; every header is included before the target switch, so only
+// the kernel below carries AVX2 instructions.
+#include "../../common/cpu_features.h"
+#if VQEXT_X86_KERNELS
 #include <immintrin.h>
 
 #include <cstdint>
+
+#include "nearest_code_cpu.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
 
 #include "nearest_code_kernel.h"
 
@@ -56,3 +65,6 @@ void nearest_f32_rows_avx2(const F32Search& s, int64_t row_begin, int64_t row_en
 
 }  // namespace vq
 }  // namespace vqext
+
+#pragma GCC pop_options
+#endif  // VQEXT_X86_KERNELS

@@ -1,12 +1,16 @@
-// AVX-512 nearest-code kernel, taken at run time only where vqext::cpu_has_avx512() says so.
-// Only <immintrin.h> and <cstdint> are included, before the target switch, so nothing with
-// external linkage besides nearest_f32_rows_avx512 is compiled for AVX-512 here.
+// AVX-512 nearest-code kernel (x86-64), taken where vqext::cpu_isa() is avx512. Every header is
+// included before the target switch, so nothing with external linkage besides
+// nearest_f32_rows_avx512 is compiled for AVX-512 here.
+#include "../../common/cpu_features.h"
+#if VQEXT_X86_KERNELS
 #include <immintrin.h>
 
 #include <cstdint>
 
+#include "nearest_code_cpu.h"
+
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")
 
 #include "nearest_code_kernel.h"
 
@@ -55,3 +59,4 @@ void nearest_f32_rows_avx512(const F32Search& s, int64_t row_begin, int64_t row_
 }  // namespace vqext
 
 #pragma GCC pop_options
+#endif  // VQEXT_X86_KERNELS

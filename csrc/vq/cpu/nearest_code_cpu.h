@@ -1,9 +1,11 @@
 #pragma once
-// Interface between the dispatcher glue (vq_ops.cpp, which sees torch) and the SIMD kernels
-// (nearest_code_avx2.cpp / nearest_code_avx512.cpp, which see only <immintrin.h>). Keeping torch
-// headers out of the AVX-512 translation unit means no inline function from a shared header can be
-// emitted there with AVX-512 instructions and then picked by the linker for AVX2-only machines.
+// Interface between the host code (nearest_code_cpu.cpp, which sees torch) and the float32 search
+// kernels, one translation unit per instruction set: nearest_code_portable.cpp (any CPU) and, on
+// x86-64, nearest_code_avx2.cpp / nearest_code_avx512.cpp. The kernel units include no torch
+// headers, so no inline function of a shared header is emitted there for a wider target.
 #include <cstdint>
+
+#include "../../common/cpu_features.h"
 
 namespace vqext {
 namespace vq {
@@ -26,12 +28,30 @@ struct F32Search {
 
 constexpr int kPanelsPerStep = 2;
 
-// Nearest code for rows [row_begin, row_end). Lanes: 8 (AVX2) or 16 (AVX-512).
+// Nearest code for rows [row_begin, row_end) with the codebook packed `lanes` codes per panel.
+using NearestRowsFn = void (*)(const F32Search& s, int64_t row_begin, int64_t row_end);
+struct NearestCodeKernel {
+  int lanes;
+  NearestRowsFn rows;
+};
+
+void nearest_f32_rows_portable(const F32Search& s, int64_t row_begin, int64_t row_end);
+constexpr int kLanesPortable = 4;
+#if VQEXT_X86_KERNELS
 void nearest_f32_rows_avx2(const F32Search& s, int64_t row_begin, int64_t row_end);
 void nearest_f32_rows_avx512(const F32Search& s, int64_t row_begin, int64_t row_end);
-
 constexpr int kLanesAvx2 = 8;
 constexpr int kLanesAvx512 = 16;
+#endif
+
+inline NearestCodeKernel nearest_code_kernel(CpuIsa isa) {
+#if VQEXT_X86_KERNELS
+  if (isa == CpuIsa::kAvx512) return {kLanesAvx512, &nearest_f32_rows_avx512};
+  if (isa == CpuIsa::kAvx2) return {kLanesAvx2, &nearest_f32_rows_avx2};
+#endif
+  (void)isa;
+  return {kLanesPortable, &nearest_f32_rows_portable};
+}
 
 }  // namespace vq
 }  // namespace vqext

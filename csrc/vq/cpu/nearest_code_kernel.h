@@ -1,8 +1,9 @@
 #pragma once
-// Fused GEMM-shaped nearest-code search, generic over a SIMD "lane set" S (AVX2 or AVX-512).
+// Fused GEMM-shaped nearest-code search, generic over a SIMD "lane set" S (portable, AVX2 or
+// AVX-512).
 //
 // Included by exactly one translation unit per instruction set, after that unit has chosen its
-// target; everything here has internal linkage so the two copies never meet in the linker.
+// target; everything here has internal linkage so the copies never meet in the linker.
 //
 // Shape of the computation (the FAISS exhaustive-search GEMM, with the distance matrix fused away):
 //   * rows are processed in blocks of kRowBlock; each block keeps, per row, S::W running
