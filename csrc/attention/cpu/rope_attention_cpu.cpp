@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "../../common/cpu_features.h"
+#include "../../common/rope.h"
 #include "../attention_common.h"
 
 namespace vqext {
@@ -86,18 +87,14 @@ RopeTable<A> build_table(int64_t d, double base, const std::vector<int64_t>* qst
   t.cos_.resize(rows * t.half);
   t.sin_.resize(rows * t.half);
   std::vector<double> inv_freq(t.half);
-  for (int64_t i = 0; i < t.half; ++i) inv_freq[i] = std::pow(base, -2.0 * static_cast<double>(i) / d);
+  for (int64_t i = 0; i < t.half; ++i) inv_freq[i] = rope::inv_freq(i, d, base);
   std::vector<int64_t> row_pos(rows);
   for (size_t s = 0; s < seg_start.size(); ++s)
     for (int64_t p = seg_start[s]; p < seg_end[s]; ++p) row_pos[seg_row[s] + p - seg_start[s]] = p;
-  // The angle is formed in double exactly as the reference does, then rounded to A.
   at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
-      for (int64_t i = 0; i < t.half; ++i) {
-        const double ang = static_cast<double>(row_pos[r]) * inv_freq[i];
-        t.cos_[r * t.half + i] = static_cast<A>(std::cos(ang));
-        t.sin_[r * t.half + i] = static_cast<A>(std::sin(ang));
-      }
+      for (int64_t i = 0; i < t.half; ++i)
+        rope::cos_sin(row_pos[r], inv_freq[i], t.cos_[r * t.half + i], t.sin_[r * t.half + i]);
   });
   return t;
 }
@@ -107,10 +104,10 @@ template <typename T, typename A>
 inline void rotate_row(const T* x, A* dst, int64_t d, int64_t dp, A scale, const A* cs, const A* sn, A sign) {
   if (cs) {
     for (int64_t i = 0; i < d / 2; ++i) {
-      const A x0 = static_cast<A>(x[2 * i]), x1 = static_cast<A>(x[2 * i + 1]);
-      const A c = cs[i], s = sign * sn[i];
-      dst[2 * i] = scale * (x0 * c - x1 * s);
-      dst[2 * i + 1] = scale * (x0 * s + x1 * c);
+      A x0 = static_cast<A>(x[2 * i]), x1 = static_cast<A>(x[2 * i + 1]);
+      rope::rotate_pair(x0, x1, cs[i], sign * sn[i]);
+      dst[2 * i] = scale * x0;
+      dst[2 * i + 1] = scale * x1;
     }
   } else {
     for (int64_t c = 0; c < d; ++c) dst[c] = scale * static_cast<A>(x[c]);
