@@ -276,7 +276,7 @@ def _duplicate(args, config):
     (_set_weight("blocks.0.quantize.codes.codebook", lambda w: w.reshape(2, -1, 4)),
      r"weight 'blocks.0.quantize.codes.codebook' has shape \[2, 32, 4\], expected \[4, 32, 4\]"),
     (_set_weight("encoder.weight", lambda w: w[:, 0]), r"'encoder.weight' must be \(d_model, 1\)"),
-    (lambda a, c: a.__setitem__(2, a[2][:-1]), "weight_names has 21 entries but weights has 20"),
+    (lambda a, c: a.__setitem__(2, a[2][:-1]), "weight_names has 30 entries but weights has 29"),
     # the other arguments
     (_set(0, torch.randn(2, 2, 1)), r"x must be \(B, 1, 1\)"),
     (_set(0, torch.randn(2, 1, 1).half()), "x must be float32 or float64"),

@@ -62,8 +62,8 @@ class NativeStep:
 def native_step(model) -> NativeStep | None:
     """The native step for ``model`` (a :class:`~vqext.models.vqformer.VQFormer`), or None where the
     op does not cover it: no extension, the hard quantiser, an added encoding, blocks of different
-    attention shapes, layer norms without affine weights or of different eps, mixed dtypes, or
-    tensors off the CPU."""
+    attention shapes, layer norms without affine weights or of different eps, tensors other than
+    all float32 or all float64, or tensors off the CPU."""
     if not OP_AVAILABLE or model.input_pe is not None:
         return None
     blocks = list(model.blocks)
@@ -83,7 +83,8 @@ def native_step(model) -> NativeStep | None:
     named = dict(model.named_parameters())
     named.update(model.named_buffers())
     tensors = list(named.values())
-    if len({t.dtype for t in tensors}) != 1 or any(t.device.type != "cpu" for t in tensors):
+    dtypes = {t.dtype for t in tensors}
+    if dtypes not in ({torch.float32}, {torch.float64}) or any(t.device.type != "cpu" for t in tensors):
         return None
     config = dict(heads=attn.heads, kv_heads=attn.kv_heads, rope=attn.rope, rope_base=float(attn.rope_base),
                   attn_scale=attn.head_dim ** -0.5, code_scale=float(codes.scale), eps=float(norms[0].eps),
