@@ -37,10 +37,10 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..nn.attention import CausalSelfAttention
-from .. import _native
 from ..nn.kv_cache import KVCache, SlidingBuffer
 from ._common import Quantize, check_common, check_input, check_pe_width, head_size
 from .base import ForecastModel
+from .vqformer_decode import NativeStep, native_step
 
 
 class VQFormerBlock(nn.Module):
@@ -238,15 +238,15 @@ class VQFormer(ForecastModel):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         inputs = self.ar_skip.kernel_size[0] if self.ar_skip is not None else 0
-        self._plan = None  # re-gathered on the first fast step, in case parameters were replaced
+        self.__dict__.pop("_native", None)  # gathered again: parameters may have been replaced since
         return VQFormerCache(len(self.blocks), max_len, start_pos, input_len=inputs)
 
     def step(self, x_t: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Predictions for new steps ``x_t`` ``(B, n, 1)`` (usually n = 1) at ``cache.pos``.
 
-        Without autograd (``torch.no_grad``/``inference_mode``), a single step on the native
-        kernels takes :meth:`_decode_one`, the same computation with the Python overhead of the
-        module calls cut; it skips module hooks. Set ``fast_decode = False`` to always run the modules.
+        Without autograd (``torch.no_grad``/``inference_mode``), a single step that the native op
+        covers (:mod:`vqext.models.vqformer_decode`) is one call of it; it skips module hooks. Every
+        other step runs the modules, as does every step with ``fast_decode = False``.
         """
         check_input(self, x_t, "x_t")
         if cache.num_layers != len(self.blocks):
@@ -255,164 +255,20 @@ class VQFormer(ForecastModel):
         if self.ar_skip is not None and not isinstance(cache, VQFormerCache):
             raise ValueError("this model's AR skip path needs the inputs held by a VQFormerCache; make the cache "
                              "with model.init_cache")
-        if (self.fast_decode and x_t.shape[1] == 1 and not torch.is_grad_enabled()
-                and x_t.dtype in (torch.float32, torch.float64) and _native.use_native(x_t)):
-            y = self._decode_one(x_t, cache)
-        else:
+        native = self._native_step() if self.fast_decode and x_t.shape[1] == 1 and not torch.is_grad_enabled() else None
+        y = native(x_t, cache) if native is not None else None
+        if y is None:
             history = cache.append_inputs(x_t) if self.ar_skip is not None else None
             y = self._run(x_t, cache.pos, cache, history)
         cache.advance(x_t.shape[1])
         return y
 
-    #: Whether :meth:`step` may take the inference fast path (:meth:`_decode_one`).
+    #: Whether :meth:`step` may take the native op for a single step without autograd.
     fast_decode: bool = True
 
-    def _decode_plan(self) -> tuple[list[tuple], tuple, tuple | None]:
-        """Per block, the tensors and sizes :meth:`_decode_one` reads, gathered once per cache: module
-        attribute look-ups cost more than the step's arithmetic. It holds the parameters themselves
-        (not copies), so in-place updates (optimisers, ``load_state_dict``) stay visible. Returns the
-        blocks' plans, the output head's, and the native op's arguments
-        (:meth:`_native_decode_args`)."""
-        def norm(ln: nn.LayerNorm):
-            return ln.normalized_shape, ln.weight, ln.bias, ln.eps
-
-        def linear(proj: nn.Module):
-            return (proj.weight, proj.bias) if isinstance(proj, nn.Linear) else None
-
-        plan = []
-        for block in self.blocks:
-            attn, quantize = block.attn, block.quantize
-            soft = quantize.kind == "soft"
-            plan.append((
-                norm(block.norm_attn), (attn.qkv_proj.weight, attn.qkv_proj.bias),
-                (attn.heads, attn.kv_heads, attn.head_dim, attn.rope, attn.rope_base, attn.head_dim ** -0.5),
-                (attn.out_proj.weight, attn.out_proj.bias), norm(block.norm_code),
-                linear(block.code_in), linear(block.code_out),
-                (quantize.codes.codebook, quantize.codes.scale) if soft else None, block))
-        ar = None
-        if self.ar_skip is not None:
-            L = self.ar_skip.kernel_size[0]
-            ar = (L, self.ar_skip.weight.view(1, L), self.ar_skip.bias)
-        head = ((self.encoder.weight, self.encoder.bias), norm(self.norm_out), (self.decoder.weight, self.decoder.bias),
-                ar)
-        return plan, head, self._native_decode_args()
-
-    def _native_decode_args(self) -> tuple | None:
-        """``(params, sizes, scalars)`` for ``torch.ops.vqext.vqformer_decode_step``, or None where the
-        native step does not cover the model (hard quantiser, an added encoding, mixed dtypes,
-        custom layer-norm settings); those decode on :meth:`_decode_one`'s op-by-op path."""
-        if not _native.native_available() or not hasattr(torch.ops.vqext, "vqformer_decode_step"):
-            return None
-        if self.input_pe is not None or any(b.quantize.kind != "soft" for b in self.blocks):
-            return None
-        norms = [self.norm_out] + [n for b in self.blocks for n in (b.norm_attn, b.norm_code)]
-        if any(n.weight is None or n.bias is None or n.eps != norms[0].eps for n in norms):
-            return None
-        first = self.blocks[0]
-        shape = (first.attn.heads, first.attn.kv_heads, first.attn.head_dim, first.attn.rope, first.attn.rope_base,
-                 first.quantize.codes.scale)
-        params: list[torch.Tensor | None] = []
-        for b in self.blocks:
-            a, codes = b.attn, b.quantize.codes
-            if (a.heads, a.kv_heads, a.head_dim, a.rope, a.rope_base, codes.scale) != shape or codes.heads != a.heads:
-                return None
-            code_in = b.code_in if isinstance(b.code_in, nn.Linear) else None
-            code_out = b.code_out if isinstance(b.code_out, nn.Linear) else None
-            if (code_in is None) != isinstance(b.code_in, nn.Identity) or (code_out is None) != isinstance(b.code_out, nn.Identity):
-                return None
-            params += [b.norm_attn.weight, b.norm_attn.bias, a.qkv_proj.weight, a.qkv_proj.bias, a.out_proj.weight,
-                       a.out_proj.bias, b.norm_code.weight, b.norm_code.bias,
-                       None if code_in is None else code_in.weight, None if code_in is None else code_in.bias,
-                       codes.codebook,
-                       None if code_out is None else code_out.weight, None if code_out is None else code_out.bias]
-        params += [self.encoder.weight, self.encoder.bias, self.norm_out.weight, self.norm_out.bias,
-                   self.decoder.weight, self.decoder.bias,
-                   None if self.ar_skip is None else self.ar_skip.weight, None if self.ar_skip is None else self.ar_skip.bias]
-        dtypes = {t.dtype for t in params if t is not None}
-        if len(dtypes) != 1 or any(t.device.type != "cpu" for t in params if t is not None):
-            return None
-        heads, kv_heads, hd, rope, base, code_scale = shape
-        sizes = [len(self.blocks), heads, kv_heads, hd, int(rope), int(self.residual)]
-        scalars = [float(base), hd ** -0.5, float(code_scale), float(norms[0].eps)]
-        return params, sizes, scalars, dtypes.pop()
-
-    def _decode_native(self, x_t: torch.Tensor, cache: KVCache, native: tuple) -> torch.Tensor | None:
-        """The whole step in one native call (``vqformer_decode_step``); None before the cache holds
-        storage for every layer (the first append sizes it)."""
-        params, sizes, scalars, _ = native
-        if not cache.allocated():
-            return None
-        inputs, input_index = _NO_INPUTS, [0, 0, 0]
-        kv, kv_index = cache.reserve_kv(1)
-        if self.ar_skip is not None:
-            inputs, input_index = cache.reserve_input()
-        return torch.ops.vqext.vqformer_decode_step(x_t, params, kv, kv_index, inputs, input_index, sizes, scalars,
-                                                    cache.pos)
-
-    def _decode_one(self, x_t: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One decoding step of the blocks' math, calling the functional ops and the native kernels
-        directly: at T = 1 the modules' per-call overhead is most of the time (and under
-        ``torch.inference_mode`` the native ops also skip the autograd layer). Kept equal to the
-        module path by tests (tests/test_models.py: fast against module decoding)."""
-        attn_op, rotate = torch.ops.vqext.rope_attention_fwd, torch.ops.vqext.apply_rope
-        plan = self.__dict__.get("_plan")
-        if plan is None:
-            plan = self._plan = self._decode_plan()
-        blocks, (encoder, norm_out, decoder, ar), native = plan
-        if native is not None and x_t.dtype == native[3] and isinstance(cache.pos, int):
-            y = self._decode_native(x_t, cache, native)
-            if y is not None:
-                return y
-        B = x_t.shape[0]
-        pos_int, pos_t = _split_offset(cache.pos, x_t.device)
-        h = F.linear(x_t, *encoder)
-        if self.input_pe is not None:
-            h = self.input_pe(h, cache.pos)
-        D = h.shape[-1]
-        for layer, (norm_attn, qkv_proj, shape, out_proj, norm_code, code_in, code_out, codes,
-                    block) in enumerate(blocks):
-            heads, kv_heads, hd, rope, base, scale = shape
-            qkv = F.linear(torch.layer_norm(h, *norm_attn), *qkv_proj)
-            q = qkv[..., :heads * hd].view(B, 1, heads, hd).transpose(1, 2)
-            kv, k_offset = cache.append_kv(
-                layer, qkv[..., heads * hd:].view(B, 1, 2, kv_heads, hd).permute(2, 0, 3, 1, 4))
-            k_all, v_all = kv[0], kv[1]
-            if rope:  # as CausalSelfAttention: the new key is stored rotated (here rotated in place)
-                new_key = k_all[..., -1:, :]
-                new_key.copy_(rotate(new_key, pos_int, pos_t, base, False))
-            k_int, k_t = _split_offset(k_offset, x_t.device)
-            out = attn_op(q, k_all, v_all, pos_int, pos_t, k_int, k_t, True, rope, False, scale, base)[0]
-            h = h + F.linear(out.transpose(1, 2).reshape(B, 1, D), *out_proj)
-            if codes is not None:  # soft quantiser: attention over the head's codebook
-                cq = torch.layer_norm(h, *norm_code)
-                if code_in is not None:
-                    cq = F.linear(cq, *code_in)
-                codebook, code_scale = codes
-                codebook = codebook.to(cq.dtype).unsqueeze(0)
-                quantized = attn_op(cq.view(B, 1, heads, hd).transpose(1, 2), codebook, codebook, 0, None, 0, None,
-                                    False, False, False, code_scale, 10000.0)[0]
-            else:
-                quantized, _ = block.quantize(block.code_queries(h))
-            quantized = quantized.transpose(1, 2).reshape(B, 1, D)
-            h = h + (F.linear(quantized, *code_out) if code_out is not None else block.code_out(quantized))
-        y = F.linear(torch.layer_norm(h, *norm_out), *decoder)
-        if ar is not None:
-            history = cache.append_inputs(x_t)
-            L, ar_weight, ar_bias = ar
-            if history.shape[1] >= L:  # the filter is a dot product with the last L inputs
-                y = y + F.linear(history[:, -L:].reshape(B, 1, L), ar_weight, ar_bias)
-            else:
-                y = y + self._ar(history, 1)
-        return x_t + y if self.residual else y
-
-
-_NO_INPUTS = torch.empty(0)  # the native step's input history when the model has no AR path
-
-
-def _split_offset(offset, device) -> tuple[int, torch.Tensor | None]:
-    """The native ops' (int, per-batch tensor) form of a position."""
-    if isinstance(offset, torch.Tensor):
-        return 0, offset.to(device=device, dtype=torch.int64).reshape(-1)
-    return int(offset), None
-
-
+    def _native_step(self) -> NativeStep | None:
+        """The native step's fixed arguments, gathered once per cache (module attribute look-ups
+        cost more than the step's arithmetic); None where the op does not cover this model."""
+        if "_native" not in self.__dict__:
+            self._native = native_step(self)
+        return self._native

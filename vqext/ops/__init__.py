@@ -3,7 +3,6 @@
 Each op dispatches to ``torch.ops.vqext.*`` when the extension is loaded (CPU, and CUDA when
 compiled with it) and to its pure-PyTorch reference in ``vqext.ops.reference`` otherwise.
 """
-from . import decode  # noqa: F401  (registers the decode step's fake kernel)
 from .attention import apply_rope, rope_attention
 from .reference import apply_rope_reference, nearest_code_reference, rope_attention_reference
 from .vq import nearest_code

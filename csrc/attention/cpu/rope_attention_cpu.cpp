@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "../../common/cpu_features.h"
+#include "../../common/rope.h"
 #include "../attention_common.h"
 #include "rope_attention_cpu.h"
 
@@ -74,18 +75,14 @@ RopeTable<A> build_table(int64_t d, double base, const std::vector<int64_t>* qst
   t.cos_.resize(rows * t.half);
   t.sin_.resize(rows * t.half);
   std::vector<double> inv_freq(t.half);
-  for (int64_t i = 0; i < t.half; ++i) inv_freq[i] = std::pow(base, -2.0 * static_cast<double>(i) / d);
+  for (int64_t i = 0; i < t.half; ++i) inv_freq[i] = rope::inv_freq(i, d, base);
   std::vector<int64_t> row_pos(rows);
   for (size_t s = 0; s < seg_start.size(); ++s)
     for (int64_t p = seg_start[s]; p < seg_end[s]; ++p) row_pos[seg_row[s] + p - seg_start[s]] = p;
-  // The angle is formed in double exactly as the reference does, then rounded to A.
   at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
-      for (int64_t i = 0; i < t.half; ++i) {
-        const double ang = static_cast<double>(row_pos[r]) * inv_freq[i];
-        t.cos_[r * t.half + i] = static_cast<A>(std::cos(ang));
-        t.sin_[r * t.half + i] = static_cast<A>(std::sin(ang));
-      }
+      for (int64_t i = 0; i < t.half; ++i)
+        rope::cos_sin(row_pos[r], inv_freq[i], t.cos_[r * t.half + i], t.sin_[r * t.half + i]);
   });
   return t;
 }

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "../../common/cpu_features.h"
+#include "../../common/rope.h"
 #include "../attention_common.h"
 
 namespace vqext {
@@ -40,10 +41,10 @@ template <typename T, typename A>
 inline void rotate_row(const T* x, A* dst, int64_t d, int64_t dp, A scale, const A* cs, const A* sn, A sign) {
   if (cs) {
     for (int64_t i = 0; i < d / 2; ++i) {
-      const A x0 = static_cast<A>(x[2 * i]), x1 = static_cast<A>(x[2 * i + 1]);
-      const A c = cs[i], s = sign * sn[i];
-      dst[2 * i] = scale * (x0 * c - x1 * s);
-      dst[2 * i + 1] = scale * (x0 * s + x1 * c);
+      A x0 = static_cast<A>(x[2 * i]), x1 = static_cast<A>(x[2 * i + 1]);
+      rope::rotate_pair(x0, x1, cs[i], sign * sn[i]);
+      dst[2 * i] = scale * x0;
+      dst[2 * i + 1] = scale * x1;
     }
   } else {
     for (int64_t c = 0; c < d; ++c) dst[c] = scale * static_cast<A>(x[c]);

@@ -15,6 +15,7 @@
 #include <limits>
 
 #include "../../common/cuda_compat.h"
+#include "../../common/rope.h"
 #include "../attention_common.h"
 
 namespace vqext {
@@ -46,17 +47,6 @@ __device__ __forceinline__ int64_t start_pos(int64_t base, const int64_t* per_ba
   return base + (per_batch ? per_batch[n == 1 ? 0 : b] : 0);
 }
 
-// cos/sin of pos * inv_freq. The angle is formed in double (positions can be large); float
-// rotations reduce it to [-pi, pi] in double and finish in float.
-__device__ __forceinline__ void rope_cs(int64_t pos, double inv_freq, float& c, float& s) {
-  const double a = static_cast<double>(pos) * inv_freq;
-  const double n = rint(a * 0.15915494309189535);
-  sincosf(static_cast<float>(a - n * 6.283185307179586), &s, &c);
-}
-__device__ __forceinline__ void rope_cs(int64_t pos, double inv_freq, double& c, double& s) {
-  sincos(static_cast<double>(pos) * inv_freq, &s, &c);
-}
-
 __device__ __forceinline__ float exp_acc(float x) { return expf(x); }
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 __device__ __forceinline__ float log_acc(float x) { return logf(x); }
@@ -80,10 +70,8 @@ __device__ __forceinline__ void load_row(const T* x, A* dst, int d, bool rope, i
       x1 = static_cast<A>(x[2 * i + 1]);
       if (rope) {
         A c, s;
-        rope_cs(pos, inv_freq[i], c, s);
-        const A y0 = x0 * c - x1 * s;
-        x1 = x0 * s + x1 * c;
-        x0 = y0;
+        rope::cos_sin(pos, inv_freq[i], c, s);
+        rope::rotate_pair(x0, x1, c, s);
       }
     }
     dst[2 * i] = scale * x0;
@@ -111,10 +99,8 @@ __device__ __forceinline__ void load_tile(const T* x, A (*sh)[DMAX], int64_t r0,
       x1 = static_cast<A>(row[2 * i + 1]);
       if (rope) {
         A c, s;
-        rope_cs(pos0 + r, inv_freq[i], c, s);
-        const A y0 = x0 * c - x1 * s;
-        x1 = x0 * s + x1 * c;
-        x0 = y0;
+        rope::cos_sin(pos0 + r, inv_freq[i], c, s);
+        rope::rotate_pair(x0, x1, c, s);
       }
     }
     sh[r][2 * i] = scale * x0;
@@ -123,7 +109,7 @@ __device__ __forceinline__ void load_tile(const T* x, A (*sh)[DMAX], int64_t r0,
 }
 
 __device__ __forceinline__ void init_inv_freq(double* inv_freq, int d, double base) {
-  for (int i = threadIdx.x; i < d / 2; i += blockDim.x) inv_freq[i] = pow(base, -2.0 * i / d);
+  for (int i = threadIdx.x; i < d / 2; i += blockDim.x) inv_freq[i] = rope::inv_freq(i, d, base);
 }
 
 constexpr int kThreads = 64;
@@ -284,12 +270,10 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(Params p, const T* __restr
   for (int ii = 0; ii < DMAX / 2; ++ii) {
     if (2 * ii < d) {
       A g0 = acc[2 * ii], g1 = acc[2 * ii + 1];
-      if (p.rope_q) {
+      if (p.rope_q) {  // the gradient goes back through R^T
         A c, s;
-        rope_cs(qs + i, inv_freq[ii], c, s);
-        const A y0 = g0 * c + g1 * s;
-        g1 = -g0 * s + g1 * c;
-        g0 = y0;
+        rope::cos_sin(qs + i, inv_freq[ii], c, s);
+        rope::rotate_pair(g0, g1, c, -s);
       }
       drow[2 * ii] = static_cast<T>(scale * g0);
       drow[2 * ii + 1] = static_cast<T>(scale * g1);
@@ -373,12 +357,10 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(Params p, const T* __rest
     for (int ii = 0; ii < DMAX / 2; ++ii) {
       if (2 * ii < d) {
         A g0 = dkr[2 * ii], g1 = dkr[2 * ii + 1];
-        if (p.rope_k) {
+        if (p.rope_k) {  // the gradient goes back through R^T
           A c, s;
-          rope_cs(ks + j, inv_freq[ii], c, s);
-          const A y0 = g0 * c + g1 * s;
-          g1 = -g0 * s + g1 * c;
-          g0 = y0;
+          rope::cos_sin(ks + j, inv_freq[ii], c, s);
+          rope::rotate_pair(g0, g1, c, -s);
         }
         dst[2 * ii] += g0;
         dst[2 * ii + 1] += g1;
@@ -404,11 +386,11 @@ __global__ void apply_rope_kernel(const T* __restrict__ x, T* __restrict__ y, in
   const int64_t t = r % T_, b = r / (H * T_);
   const int64_t pos = start_pos(offset, offsets, offsets_n, b) + t;
   A c, s;
-  rope_cs(pos, pow(base, -2.0 * i / d), c, s);
-  s *= sign;
-  const A x0 = static_cast<A>(x[r * d + 2 * i]), x1 = static_cast<A>(x[r * d + 2 * i + 1]);
-  y[r * d + 2 * i] = static_cast<T>(x0 * c - x1 * s);
-  y[r * d + 2 * i + 1] = static_cast<T>(x0 * s + x1 * c);
+  rope::cos_sin(pos, rope::inv_freq(i, d, base), c, s);
+  A x0 = static_cast<A>(x[r * d + 2 * i]), x1 = static_cast<A>(x[r * d + 2 * i + 1]);
+  rope::rotate_pair(x0, x1, c, sign * s);
+  y[r * d + 2 * i] = static_cast<T>(x0);
+  y[r * d + 2 * i + 1] = static_cast<T>(x1);
 }
 
 // ---------------------------------------------------------------------------------------------
