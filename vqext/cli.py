@@ -11,8 +11,23 @@ import click
 from .errors import VqextError
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that no later flush meets the closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
 class _Group(click.Group):
     """Turns expected errors into one clear line; ``--debug`` shows the traceback."""
+
+    def main(self, *args, **kwargs):
+        try:
+            return super().main(*args, **kwargs)
+        finally:
+            try:  # what is still buffered goes out now, not in an "Exception ignored" at exit
+                sys.stdout.flush()
+            except BrokenPipeError:
+                _silence_stdout()
 
     def invoke(self, ctx):
         try:
@@ -24,8 +39,7 @@ class _Group(click.Group):
             sys.exit(130)
         except BrokenPipeError:
             # The reader went away (`vqext report runs | head`): stop quietly, like other tools.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
+            _silence_stdout()
             sys.exit(141)
         except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
             if ctx.obj and ctx.obj.get("debug"):
