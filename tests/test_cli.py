@@ -36,9 +36,10 @@ def test_run_trains_forecasts_and_summarises(tmp_path):
     r = invoke("forecast", "--run", run_dir, "--data", str(other), "--horizon", "20", "--origin", "start")
     assert r.exit_code == 0, r.output
     assert "regressive" in r.output and "one-step" in r.output
-    m = json.load(open(os.path.join(run_dir, "forecasts", "other", "metrics.json")))
+    (out,) = glob.glob(os.path.join(run_dir, "forecasts", "other-*"))
+    m = json.load(open(os.path.join(out, "metrics.json")))
     assert m["horizon"] == 20 and m["batch"]["points"] == 32
-    assert os.path.exists(os.path.join(run_dir, "forecasts", "other", "predict_regressive.png"))
+    assert os.path.exists(os.path.join(out, "predict_regressive.png"))
     # the future of that series: 5 rows after its 40 points
     r = invoke("forecast", "--run", run_dir, "--data", str(other), "--horizon", "5", "--out", str(tmp_path / "f"),
                "--quiet")

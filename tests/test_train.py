@@ -134,7 +134,7 @@ def test_run_experiment_writes_a_complete_run_dir(tmp_path):
     assert saved["val_loss"] == m["val_loss"]
     cfg = json.load(open(os.path.join(m["run"], "config.json")))
     assert cfg["hparams"]["vocab_size"] == 16 and cfg["arch"] == "mhvqlnmlp"
-    assert os.path.basename(os.path.dirname(m["run"])).startswith("mhvqlnmlp_rope_vs16_dm8_nh2_syn_sine_ts8_lr0.01_s0")
+    assert os.path.basename(os.path.dirname(m["run"])).startswith("mhvqlnmlp_rope_vs16_dm8_syn_sine_ts8_lr0.01_s0")
 
 
 # ------------------------------------------------------------- objectives and the recommendation

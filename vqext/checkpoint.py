@@ -99,13 +99,30 @@ def open_for_resume(run_dir: str, ckpt_path: str) -> dict | None:
 
 
 
+def load_model_state(model, state: dict, path: str) -> None:
+    """``model.load_state_dict`` with a mismatch reported as one DataError naming the checkpoint."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
+        raise DataError(f"checkpoint {path} does not fit the model its config.json describes "
+                        f"(written by another configuration?): {first}") from None
+
+
 def load_run(run_dir: str):
     """(config, model on CPU in eval mode, checkpoint) of a finished or interrupted run."""
     from .train import build_model
 
-    cfg = C.RunConfig.from_dict(read_json(os.path.join(run_dir, C.CONFIG_FILE), "run config"))
-    ckpt = load_checkpoint(os.path.join(run_dir, C.CHECKPOINT_FILE))
+    from .errors import ConfigError
+
+    cfg_path = os.path.join(run_dir, C.CONFIG_FILE)
+    try:
+        cfg = C.RunConfig.from_dict(read_json(cfg_path, "run config"))
+    except ConfigError as exc:
+        raise ConfigError(f"run config {cfg_path}: {exc}") from None
+    ckpt_path = os.path.join(run_dir, C.CHECKPOINT_FILE)
+    ckpt = load_checkpoint(ckpt_path)
     model = build_model(cfg)
-    model.load_state_dict(ckpt["model"])
+    load_model_state(model, ckpt["model"], ckpt_path)
     model.eval()
     return cfg, model, ckpt

@@ -11,8 +11,23 @@ import click
 from .errors import VqextError
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that no later flush meets the closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
 class _Group(click.Group):
     """Turns expected errors into one clear line; ``--debug`` shows the traceback."""
+
+    def main(self, *args, **kwargs):
+        try:
+            return super().main(*args, **kwargs)
+        finally:
+            try:  # what is still buffered goes out now, not in an "Exception ignored" at exit
+                sys.stdout.flush()
+            except BrokenPipeError:
+                _silence_stdout()
 
     def invoke(self, ctx):
         try:
@@ -22,12 +37,19 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("vqext: interrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:
+            # The reader went away (`vqext report runs | head`): stop quietly, like other tools.
+            _silence_stdout()
+            sys.exit(141)
         except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            kind = "error" if isinstance(exc, (VqextError, ValueError, FileNotFoundError)) else type(exc).__name__
+            expected = (VqextError, ValueError, OSError)
+            kind = "error" if isinstance(exc, expected) else type(exc).__name__
+            if isinstance(exc, OSError) and not isinstance(exc, VqextError) and exc.strerror:
+                exc = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
             click.echo(f"vqext: {kind}: {exc}", err=True)
-            sys.exit(1 if isinstance(exc, (VqextError, ValueError, FileNotFoundError)) else 2)
+            sys.exit(1 if isinstance(exc, expected) or isinstance(exc, str) else 2)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,6 +67,21 @@ def main(ctx, debug):
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    _terminate_cleanly()
+
+
+def _terminate_cleanly() -> None:
+    """SIGTERM unwinds like Ctrl-C (temporary files removed, a run that never finished an epoch
+    deleted) and exits with 143 instead of dying mid-statement."""
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        click.echo("vqext: terminated", err=True)
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 def collect_info() -> dict:
@@ -236,6 +273,10 @@ def _common_training_options(sweep: bool):
         for name, (flag, typ, text) in _HPARAM_OPTIONS.items():
             opts.append(click.option(flag, name, type=str if sweep else typ, default=None,
                                      help=text + (" Comma-separated list." if sweep else "")))
+        opts.append(click.option("--hp", "hp", multiple=True, metavar="KEY=VALUE" + ("[,VALUE...]" if sweep else ""),
+                                 help="any hyper-parameter the architecture declares (see `vqext list --json`), "
+                                      "e.g. --hp hidden_size=32. Repeatable."
+                                      + (" A comma-separated list is a grid axis." if sweep else "")))
         for o in reversed(opts):
             f = o(f)
         return f
@@ -262,6 +303,64 @@ def _parse_list(text, typ, flag):
     return out
 
 
+def _parse_hp(items, sweep: bool) -> dict:
+    """``("hidden_size=32", "quantizer=hard")`` -> {"hidden_size": "32", ...}; values stay text
+    until the architecture's declared defaults say their type."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key or not value.strip():
+            raise click.BadParameter(f"{item!r} must look like KEY=VALUE", param_hint="--hp")
+        if key in out:
+            raise click.BadParameter(f"{key} given twice", param_hint="--hp")
+        if key == "time_steps":
+            raise click.BadParameter("the window length is --time-steps", param_hint="--hp")
+        out[key] = value.strip()
+    return out
+
+
+def _hp_value(text: str, default):
+    """A --hp value typed like the architecture's default for it (JSON-like when the default is None)."""
+    low = text.lower()
+    if isinstance(default, bool) or (default is None and low in ("true", "false")):
+        if low not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"{text!r} is not true/false")
+        return low in ("true", "1", "yes")
+    if default is None and low in ("none", "null"):
+        return None
+    if isinstance(default, int) or default is None:
+        try:
+            return int(text)
+        except ValueError:
+            if isinstance(default, int):
+                raise ValueError(f"{text!r} is not an integer") from None
+    if isinstance(default, float) or default is None:
+        try:
+            return float(text)
+        except ValueError:
+            if isinstance(default, float):
+                raise ValueError(f"{text!r} is not a number") from None
+    return text
+
+
+def _typed_hparams(arch: str, given: dict) -> dict:
+    """Hyper-parameters from the command line, typed by the architecture's declared defaults;
+    names the architecture does not declare are left for ``resolve_hparams`` to reject."""
+    from .registry import get_arch
+
+    defaults = dict(getattr(get_arch(arch), "defaults", {}) or {})
+    out = {}
+    for name, value in given.items():
+        if isinstance(value, str) and name in defaults:
+            try:
+                value = _hp_value(value, defaults[name])
+            except ValueError as exc:
+                raise click.BadParameter(f"{name}: {exc} (architecture {arch})", param_hint="--hp") from None
+        out[name] = value
+    return out
+
+
 DEFAULT_ARCH = "vqformer"  # `vqext run` without --arch: the recommended configuration (docs/results.md)
 
 
@@ -278,7 +377,7 @@ def _make_config(arch, pe, user_hparams, kw, seed):
             time_steps = default_time_steps(min(len(s.values) for s in panel))
         if split is None:
             split = "tail" if len(panel) > 1 or horizon else "random"
-    user_hparams = {**user_hparams, **direct_hparams(arch, horizon, kw.get("direct"))}
+    user_hparams = {**_typed_hparams(arch, user_hparams), **direct_hparams(arch, horizon, kw.get("direct"))}
     resolved = resolve_hparams(arch, pe, time_steps=time_steps, **user_hparams)
     training = resolve_training(arch, **{k: kw.get(k) for k in TRAINING_DEFAULTS})
     cfg = RunConfig(arch=arch, pe=pe, hparams=resolved, user_hparams=dict(user_hparams), data=kw["data"],
@@ -311,7 +410,7 @@ def _summary_table(results):
 @_common_training_options(sweep=False)
 @click.option("--resume", "resume_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="continue an interrupted run in this directory (its config wins).")
-def run(arch, pe, seed, freeze_codebook, resume_dir, quiet, out, cache, **kw):
+def run(arch, pe, seed, freeze_codebook, resume_dir, quiet, out, cache, hp, **kw):
     """Train one model, evaluate, forecast, plot and print a summary.
 
     Writes one run directory OUT/<settings>/<timestamp>/ with config.json, metrics.jsonl,
@@ -329,12 +428,13 @@ def run(arch, pe, seed, freeze_codebook, resume_dir, quiet, out, cache, **kw):
       vqext run --arch vqformer --pe rope --depth 2 --data synthetic:sine --epochs 5 --quiet
       vqext run --resume runs/vqlnmlp_vs512_.../2024-12-23-00-05-16
     """
-    from .config import RunConfig
     from .experiment import run_experiment
-    from .io import read_json
 
+    user = _user_hparams(kw, hp, freeze_codebook)
     if resume_dir:
-        cfg = RunConfig.from_dict(read_json(os.path.join(resume_dir, "config.json"), "run config"))
+        cfg = _resume_config(resume_dir, dict(kw, arch=arch, pe=pe, seed=seed, out=out), user)
+        if cfg is None:
+            return
     else:
         if not arch:
             arch = DEFAULT_ARCH
@@ -342,9 +442,6 @@ def run(arch, pe, seed, freeze_codebook, resume_dir, quiet, out, cache, **kw):
             from .registry import get_arch
 
             pe = getattr(get_arch(arch), "recommended_pe", None) or "none"
-        user = {k: kw[k] for k in _HPARAM_OPTIONS if kw.get(k) is not None}
-        if freeze_codebook is not None:
-            user["freeze_codebook"] = freeze_codebook
         cfg = _make_config(arch, pe, user, kw, seed)
     metrics = run_experiment(cfg, out, quiet=quiet, resume_dir=resume_dir, cache="auto" if cache is None else cache,
                              announce=lambda d: click.echo(f"run directory: {d}", err=True) if not quiet else None)
@@ -368,6 +465,45 @@ def run(arch, pe, seed, freeze_codebook, resume_dir, quiet, out, cache, **kw):
     click.echo(f"run directory: {metrics['run']}")
 
 
+def _user_hparams(kw: dict, hp: tuple, freeze_codebook) -> dict:
+    user = {k: kw[k] for k in _HPARAM_OPTIONS if kw.get(k) is not None}
+    if freeze_codebook is not None:
+        user["freeze_codebook"] = freeze_codebook
+    for key, value in _parse_hp(hp, sweep=False).items():
+        if key in user:
+            raise click.BadParameter(f"{key} is also given by its own option", param_hint="--hp")
+        user[key] = value
+    return user
+
+
+def _resume_config(resume_dir: str, values: dict, user_hparams: dict):
+    """The stored configuration of the run to resume (with ``--epochs`` applied), or None when it
+    is finished; options typed on the command line must agree with it."""
+    from click.core import ParameterSource
+
+    from .provenance import apply_resume_options, open_resume
+
+    ctx = click.get_current_context()
+    typed = {name for name in values
+             if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+    typed -= {"device"} | set(_HPARAM_OPTIONS)  # a run may continue on another device; hparams: below
+    given = {("data" if n == "data" else n): values[n] for n in typed}
+    if "out" in given:
+        given["--out (a resumed run stays in its directory)"] = given.pop("out")
+    cfg, done, finished = open_resume(resume_dir)
+    if user_hparams:
+        user_hparams = _typed_hparams(cfg.arch, user_hparams)
+    cfg = apply_resume_options(cfg, given, user_hparams, done)
+    if "device" in typed:
+        cfg.device = values["device"]
+    cfg.validate()
+    if finished and done >= cfg.epochs:
+        click.echo(f"run {resume_dir} is already finished ({done} of {cfg.epochs} epochs); nothing changed. "
+                   "Give a larger --epochs to train it further.", err=True)
+        return None
+    return cfg
+
+
 def _parse_also(text: str) -> dict:
     """``'archs=a,b heads=8'`` -> {"archs": "a,b", "heads": "8"} (keys as options, - or _)."""
     keys = {"archs", "pes", "seeds", "freeze_codebook", *_HPARAM_OPTIONS}
@@ -386,10 +522,15 @@ def _parse_also(text: str) -> dict:
     return out
 
 
-def _grid_of(lists: dict):
+def _grid_of(lists: dict, hp_lists: dict | None = None):
     from .sweep import build_grid
 
     hparams = {}
+    for name, text in (hp_lists or {}).items():
+        if name in _HPARAM_OPTIONS or name == "freeze_codebook":
+            if lists.get(name) is not None:
+                raise click.BadParameter(f"{name} is also given by its own option", param_hint="--hp")
+        hparams[name] = _parse_list(text, str, f"--hp {name}")  # typed per architecture later
     for name, (flag, typ, _) in _HPARAM_OPTIONS.items():
         if lists.get(name) is not None:
             hparams[name] = _parse_list(lists[name], typ, flag)
@@ -408,7 +549,7 @@ def _grid_of(lists: dict):
 @click.option("--also", "also", multiple=True, metavar="'KEY=LIST ...'",
               help="add another grid: the command's lists with these replaced, e.g. "
                    "--also 'archs=mhvqlnmlp pes=sinpe,rope heads=8'. Repeatable; runs in the same worker pool.")
-def sweep(archs, pes, seeds, freeze_codebook, jobs, shard, also, quiet, out, cache, **kw):
+def sweep(archs, pes, seeds, freeze_codebook, jobs, shard, also, quiet, out, cache, hp, **kw):
     """Train a grid of configurations and write a results table (markdown + CSV).
 
     Every architecture x encoding x hyper-parameter value x seed is one run. The table is sorted by
@@ -427,6 +568,7 @@ def sweep(archs, pes, seeds, freeze_codebook, jobs, shard, also, quiet, out, cac
     """
     import datetime as dt
 
+    from .io import reserve_name
     from .report import write_report
     from .sweep import parse_shard, run_sweep, shard as take_shard
 
@@ -435,9 +577,10 @@ def sweep(archs, pes, seeds, freeze_codebook, jobs, shard, also, quiet, out, cac
     shard_i, shard_n = parse_shard(shard)
     base = {"archs": archs, "pes": pes, "seeds": seeds, "freeze_codebook": freeze_codebook}
     base.update({name: kw.get(name) for name in _HPARAM_OPTIONS})
+    hp_lists = _parse_hp(hp, sweep=True)
     grid = []
     for overrides in [{}] + [_parse_also(text) for text in also]:
-        for point in _grid_of({**base, **overrides}):
+        for point in _grid_of({**base, **overrides}, hp_lists):
             if point not in grid:  # grids may overlap: each configuration runs once
                 grid.append(point)
     # Every combination is validated before anything trains.
@@ -450,17 +593,25 @@ def sweep(archs, pes, seeds, freeze_codebook, jobs, shard, also, quiet, out, cac
     suffix = f"-shard{shard_i}of{shard_n}" if shard_n > 1 else ""
     if not quiet:
         click.echo(f"sweep: {len(mine)} of {len(configs)} runs (shard {shard_i}/{shard_n}), {jobs} job(s)")
-    results = run_sweep(mine, out, jobs=jobs, quiet=quiet, cache="auto" if cache is None else cache, echo=click.echo)
-    ok = [r for r in results if "error" not in r]
-    click.echo(_summary_table(results))
+    results, stopped_by = run_sweep(mine, out, jobs=jobs, quiet=quiet, cache="auto" if cache is None else cache,
+                                    echo=click.echo)
+    ok = [r for r in results if r is not None and "error" not in r]
+    finished = [r for r in results if r is not None]
+    click.echo(_summary_table(finished))
     if ok:
-        tables = write_report(ok, out, stem=f"sweep-{stamp}{suffix}", title=f"Sweep {stamp}{suffix}")
+        stem = reserve_name(out, f"sweep-{stamp}{suffix}", ".md")  # one table per invocation
+        tables = write_report(ok, out, stem=stem, title=f"Sweep {stamp}{suffix}"
+                              + (f" (stopped: {len(finished)} of {len(results)} runs)" if stopped_by else ""))
         click.echo("")
         click.echo(tables.markdown)
-        click.echo(f"results: {os.path.join(out, f'sweep-{stamp}{suffix}.md')} and .csv")
-    failed = len(results) - len(ok)
+        click.echo(f"results: {os.path.join(out, stem + '.md')} and .csv")
+    if stopped_by:
+        click.echo(f"vqext: sweep stopped by {stopped_by.name}: {len(finished)} of {len(results)} runs finished",
+                   err=True)
+        sys.exit(128 + int(stopped_by))
+    failed = len(finished) - len(ok)
     if failed:
-        raise click.ClickException(f"{failed} of {len(results)} runs failed (see the table above)")
+        raise click.ClickException(f"{failed} of {len(finished)} runs failed (see the table above)")
 
 
 @main.command()
@@ -546,9 +697,9 @@ def report(dirs, out):
     """
     from .report import find_runs, write_report
 
-    runs, skipped = find_runs(list(dirs))
-    for s in skipped:
-        click.echo(f"note: skipping unfinished run {s}", err=True)
+    runs, notes = find_runs(list(dirs))
+    for text in notes:
+        click.echo(f"note: {text}", err=True)
     if not runs:
         raise click.ClickException(f"no finished runs (with metrics.json) under {', '.join(dirs)}")
     out = out or dirs[0]

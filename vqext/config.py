@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import hashlib
 import os
+import typing
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
@@ -23,7 +25,9 @@ class RunConfig:
     pe: str = "none"
     hparams: dict = field(default_factory=dict)        # resolved: create_model(arch, pe, **hparams)
     user_hparams: dict = field(default_factory=dict)   # what the user set explicitly
-    data: str | None = None                            # CSV path, bundled:NAME, synthetic:NAME
+    data: str | None = None                            # CSV path (absolute), bundled:NAME, synthetic:NAME
+    data_sha256: str | None = None                     # of the file's bytes (None: not a file)
+    data_rows: int | None = None                       # points in the series
     column: str | None = None
     time_steps: int = 96
     epochs: int = 50
@@ -93,31 +97,101 @@ class RunConfig:
         unknown = set(d) - names
         if unknown:
             raise ConfigError(f"config has unknown keys {sorted(unknown)} (written by a newer vqext?)")
+        if "arch" not in d:
+            raise ConfigError("config has no 'arch'")
+        hints = typing.get_type_hints(cls)
+        for key, value in d.items():
+            if not _has_type(value, hints[key]):
+                raise ConfigError(f"config key {key!r} should be {_type_name(hints[key])}, got {value!r}")
         return cls(**d)
 
     def label(self, data_label: str) -> str:
-        """The log's naming: ``mhvqlnmlp_rope_vs512_dm64_nh8_y_w_ts96_lr0.007`` (+ seed)."""
-        h = self.hparams
-        parts = [self.arch]
-        if self.pe != "none":
-            parts.append(self.pe)
-        if "vocab_size" in h:
-            parts.append(f"vs{h['vocab_size']}")
-        if "d_model" in h:
-            parts.append(f"dm{h['d_model']}")
-        if "heads" in h and h["heads"] != 1:
-            parts.append(f"nh{h['heads']}")
-        if "depth" in h and h["depth"] != 1:
-            parts.append(f"dp{h['depth']}")
-        defaults = _arch_defaults(self.arch)
-        if h.get("quantizer", "soft") != "soft":
-            parts.append(str(h["quantizer"]))
-        if "freeze_codebook" in h and bool(h["freeze_codebook"]) != bool(defaults.get("freeze_codebook", False)):
-            parts.append("fz" if h["freeze_codebook"] else "tcb")  # only when it differs from the arch's default
+        """A directory name: architecture, encoding, every hyper-parameter that differs from the
+        architecture's declared default, the series, window, learning rate, training settings that
+        differ from the plain training, and the seed, e.g. ``mhvqlnmlp_rope_h8_y_w_ts96_lr0.007_s0``.
+        Shortened with a hash of the whole when long (file systems allow 255 bytes)."""
+        parts = [self.arch] + ([self.pe] if self.pe != "none" else [])
+        parts += hparam_tags(self.arch, self.hparams, skip={"time_steps": self.time_steps})
         parts += [data_label, f"ts{self.time_steps}", f"lr{self.lr:g}"]
         parts += training_tags(self)
         parts.append(f"s{self.seed}")
-        return "_".join(parts)
+        return shorten("_".join(parts))
+
+    def identity(self) -> dict:
+        """What makes runs comparable: the whole resolved configuration except the seed and the
+        device, with the data named by its content where known (reports group runs by it)."""
+        d = self.to_dict()
+        for key in ("seed", "device", "user_hparams"):
+            d.pop(key, None)
+        if self.data_sha256:
+            d["data"] = None  # the same bytes are the same series wherever the file lies
+        return d
+
+
+#: Longest label used as a directory name; longer ones keep a prefix and a hash of the whole.
+MAX_LABEL = 120
+
+
+def shorten(label: str, limit: int = MAX_LABEL) -> str:
+    if len(label.encode("utf-8")) <= limit:
+        return label
+    digest = hashlib.sha256(label.encode("utf-8")).hexdigest()[:12]
+    head = label.encode("utf-8")[: limit - len(digest) - 1].decode("utf-8", "ignore")
+    return f"{head}-{digest}"
+
+
+def _abbreviations(names) -> dict[str, str]:
+    """``vocab_size`` -> ``vs``, ``heads`` -> ``h``: initials of the words; names whose initials
+    clash (within one architecture) keep their full name."""
+    initials = {n: "".join(w[0] for w in n.split("_") if w) or n for n in names}
+    counts: dict[str, int] = {}
+    for a in initials.values():
+        counts[a] = counts.get(a, 0) + 1
+    return {n: a if counts[a] == 1 else n for n, a in initials.items()}
+
+
+def _tag_value(v) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return "".join(c if c.isalnum() or c in ".-" else "-" for c in str(v))
+
+
+def hparam_tags(arch: str, hparams: dict, skip: dict | None = None) -> list[str]:
+    """Label parts for the hyper-parameters that differ from the architecture's declared defaults
+    (in the architecture's order; names it does not declare come last, sorted)."""
+    defaults = _arch_defaults(arch)
+    skip = skip or {}
+    names = list(defaults) + sorted(set(hparams) - set(defaults))
+    abbrev = _abbreviations(names)
+    tags = []
+    for name in names:
+        if name not in hparams or (name in skip and hparams[name] == skip[name]):
+            continue
+        if name in defaults and hparams[name] == defaults[name] and type(hparams[name]) is type(defaults[name]):
+            continue
+        tags.append(f"{abbrev[name]}{_tag_value(hparams[name])}")
+    return tags
+
+
+def _has_type(value, hint) -> bool:
+    """JSON value against a field annotation (``int | None``, ``float``, ``dict`` ...)."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType")) else (hint,)
+    for t in options:
+        if t is type(None) and value is None:
+            return True
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if t in (str, dict, bool) and isinstance(value, t):
+            return True
+    return False
+
+
+def _type_name(hint) -> str:
+    return " or ".join("null" if t is type(None) else t.__name__ for t in (typing.get_args(hint) or (hint,)))
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -187,8 +261,11 @@ def resolve_device(device: str) -> str:
 def new_run_dir(root: str, label: str) -> str:
     """``root/label/YYYY-mm-dd-HH-MM-SS`` (``-2``, ``-3`` ... on a clash), created race-free."""
     stamp = _dt.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
+    from .io import OutputError, make_dirs
+
+    make_dirs(root, "--out")
     parent = os.path.join(root, label)
-    os.makedirs(parent, exist_ok=True)
+    make_dirs(parent, "run folder")
     for n in range(1, 10_000):
         path = os.path.join(parent, stamp if n == 1 else f"{stamp}-{n}")
         try:
@@ -196,4 +273,6 @@ def new_run_dir(root: str, label: str) -> str:
             return path
         except FileExistsError:
             continue
+        except OSError as exc:
+            raise OutputError(f"cannot create run directory {path}: {exc.strerror or exc}") from None
     raise ConfigError(f"cannot create a run directory under {parent}")

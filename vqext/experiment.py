@@ -14,14 +14,15 @@ import warnings
 import torch
 
 from . import config as C
-from . import distributed, plots
+from . import distributed, plots, provenance
 from .checkpoint import load_run
 from .data import check_length, load_series, noise_floor
 from .forecast import codebook_usage, forecast_series
+from .errors import DataError
 from .forecast_files import write_forecast_files, write_future_files
 from .forecasting import Fitted, as_panel, forecast, series_uid
 from .io import atomic_write_json
-from .train import train, window_start_pos, windows_for
+from .train import build_model, train, window_start_pos, windows_for
 
 
 def run_experiment(cfg: C.RunConfig, out_root: str = "runs", *, quiet: bool = False,
@@ -38,12 +39,22 @@ def run_experiment(cfg: C.RunConfig, out_root: str = "runs", *, quiet: bool = Fa
     dataset = windows_for(cfg, panel, int(cfg.hparams.get("direct_horizon", 0) or 0))
     dist = distributed.setup(distributed.training_device(C.resolve_device(cfg.device)))
     if resume_dir:
+        provenance.check_same_data(cfg, panel, provenance.saved_normalizer(resume_dir), dataset.normalizer)
+        if dist.is_main:
+            provenance.store_extension(resume_dir, cfg)
         run_dir = resume_dir
     else:
+        provenance.record_data(cfg, panel)
+        check_positions(cfg, dataset)
         run_dir = dist.broadcast(C.new_run_dir(out_root, cfg.label(panel.name)) if dist.is_main else None)
-    if announce is not None and dist.is_main:
-        announce(run_dir)
-    result = train(cfg, run_dir, resume=bool(resume_dir), quiet=quiet, dataset=dataset)
+    try:
+        if announce is not None and dist.is_main:
+            announce(run_dir)
+        result = train(cfg, run_dir, resume=bool(resume_dir), quiet=quiet, dataset=dataset)
+    except BaseException:
+        if not resume_dir and dist.is_main:
+            remove_unstarted_run(run_dir)
+        raise
     if not dist.is_main:
         return None  # rank 0 alone evaluates, forecasts and writes
     if len(panel) > 1:
@@ -60,6 +71,29 @@ def run_experiment(cfg: C.RunConfig, out_root: str = "runs", *, quiet: bool = Fa
     plots.plot_codebook_usage(usage, os.path.join(run_dir, "codebook_usage.png"),
                               title=f"{label}: codebook usage on validation windows")
     return metrics
+
+
+def check_positions(cfg: C.RunConfig, ds) -> None:
+    """Run the model once on the window at the furthest position training will use, so that an
+    encoding that cannot reach it fails before a run directory exists."""
+    model = build_model(cfg)
+    last = len(ds.x) - 1
+    with torch.no_grad():
+        model.eval()
+        model(ds.x[last:last + 1], start_pos=window_start_pos(cfg, torch.tensor([last])))
+
+
+def remove_unstarted_run(run_dir: str) -> None:
+    """Delete a run directory whose training never finished an epoch (and its label folder when empty)."""
+    import shutil
+
+    if os.path.exists(os.path.join(run_dir, C.CHECKPOINT_FILE)):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    try:
+        os.rmdir(os.path.dirname(run_dir))
+    except OSError:
+        pass  # other runs live there
 
 
 def _run_metrics(cfg: C.RunConfig, run_dir: str, series, result, fc, usage) -> dict:
@@ -114,22 +148,47 @@ def _report_panel(cfg: C.RunConfig, run_dir: str, panel, result, quiet: bool) ->
     return metrics
 
 
+def forecast_out_dir(run_dir: str, series, column, horizon, cache, out: str | None) -> str:
+    """Where a forecast's files go: ``out``, which may not be a run directory (its files would be
+    replaced), or by default ``RUN/forecasts/<series>-<hash>`` with the hash of the source's
+    absolute path (or spec), column, horizon and cache setting, so that different inputs never
+    share a folder."""
+    import hashlib
+
+    if out is not None:
+        real = os.path.realpath(out)
+        if os.path.exists(real) and not os.path.isdir(real):
+            raise DataError(f"--out {out} exists and is not a directory")
+        if real == os.path.realpath(run_dir) or os.path.exists(os.path.join(real, C.CONFIG_FILE)):
+            raise DataError(f"--out {out} is a run directory; a forecast there would replace the run's files. "
+                            "Choose another folder (default: RUN/forecasts/<series>-<hash>)")
+        return out
+    source = os.path.abspath(series.source) if provenance.is_file_spec(series.source) else series.source
+    key = repr((source, getattr(series, "column", None), column, horizon, bool(cache)))
+    return os.path.join(run_dir, "forecasts", f"{C.shorten(series.name, 80)}-{hashlib.sha256(key.encode()).hexdigest()[:10]}")
+
+
 def forecast_run(run_dir: str, data: str, column=None, horizon: int | None = None, cache: bool = False,
                  out: str | None = None, note=print, normalize: str = "series") -> tuple[dict, str]:
-    """Apply a finished run to a series the seed's way: roll from its first ``T`` points
+    """Apply a finished run to a series the log's way: roll from its first ``T`` points
     (``--origin start``), normalised with the series' own statistics (``normalize="series"``) or
     with those the run saved for it (``"train"``; the series' own when the run never saw it).
-    Writes the forecast's files into ``out`` (default ``RUN/forecasts/<series>``). Returns (metrics, out)."""
+    Writes the forecast's files into ``out`` (default ``RUN/forecasts/<series>-<hash>``). Returns (metrics, out)."""
     from .data import Normalizer
+    from .forecasting import check_horizon
     from .windows import scalers_from_dict
 
-    from .forecasting import check_horizon
-
     cfg, model, ckpt = load_run(run_dir)
+    if int(ckpt["epoch"]) < cfg.epochs:
+        note(f"note: the run is partly trained ({ckpt['epoch']} of {cfg.epochs} epochs); "
+             f"`vqext run --resume {run_dir}` finishes it")
     if horizon is not None:
         check_horizon(horizon, cfg.time_steps)
     series = load_series(data, column)
-    check_length(len(series), cfg.time_steps, series.source)
+    if len(series) < cfg.time_steps + 2:
+        raise DataError(f"{series.source} has {len(series)} points; the run was trained on windows of "
+                        f"{cfg.time_steps} steps, so forecasting needs at least {cfg.time_steps + 2}")
+    out = forecast_out_dir(run_dir, series, column, horizon, cache, out)
     normalizer = None
     if normalize == "train":
         normalizer = scalers_from_dict(ckpt.get("scalers") or {}).get(series_uid(series, 0))
@@ -139,7 +198,6 @@ def forecast_run(run_dir: str, data: str, column=None, horizon: int | None = Non
                              horizon=horizon, cache=cache, normalizer=normalizer)
     for w in caught:
         note(f"note: {w.message}")
-    out = out or os.path.join(run_dir, "forecasts", series.name)
     used = normalizer or Normalizer.fit(series.values)
     result = {"run": run_dir, "data": series.source, "column": series.column, "points": len(series),
               "normalizer": ("the run's training statistics" if normalizer is not None
@@ -165,10 +223,10 @@ def forecast_future_run(run_dir: str, data, column=None, horizon: int | None = N
         raise ConfigError(f"the run {run_dir} was not trained for a horizon; give --horizon H")
     method = None if direct is None else ("direct" if direct else "rollout")
     panel = as_panel(data, column)
+    out = forecast_out_dir(run_dir, panel, column, horizon, cache, out)
     t0 = time.perf_counter()
     frame = forecast(fitted, panel, horizon, normalize=normalize, method=method, cache=cache, progress=progress)
     seconds = round(time.perf_counter() - t0, 3)
-    out = out or os.path.join(run_dir, "forecasts", panel.name)
     used = method or ("direct" if getattr(fitted.model, "direct_horizon", 0) else "rollout")
     known = sum(series_uid(s, i) in fitted.scalers for i, s in enumerate(panel))
     summary = {"run": run_dir, "data": panel.source, "series": len(panel), "horizon": int(horizon), "origin": "end",

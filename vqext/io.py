@@ -11,7 +11,11 @@ import os
 import tempfile
 from typing import Any
 
-from .errors import DataError
+from .errors import DataError, VqextError
+
+
+class OutputError(VqextError, OSError):
+    """A file or folder that cannot be written (full disk, no permission, not a directory)."""
 
 
 def _umask() -> int:
@@ -28,11 +32,40 @@ def _umask() -> int:
     return mask
 
 
+def make_dirs(path: str, what: str = "output folder") -> None:
+    """``os.makedirs(path, exist_ok=True)`` with one clear error when a part of it is a file."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise OutputError(f"{what} {path} is not a directory (a file of that name is in the way)") from None
+    except OSError as exc:
+        raise OutputError(f"cannot create {what} {path}: {exc.strerror or exc}") from None
+
+
+def reserve_name(directory: str, stem: str, ext: str) -> str:
+    """A stem, ``stem`` or ``stem-2``, ``stem-3`` ..., whose ``stem.ext`` this call created empty
+    (exclusively), so that concurrent writers never pick the same files."""
+    make_dirs(directory)
+    for n in range(1, 10_000):
+        candidate = stem if n == 1 else f"{stem}-{n}"
+        try:
+            os.close(os.open(os.path.join(directory, candidate + ext), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise OutputError(f"cannot write in {directory}: {exc.strerror or exc}") from None
+    raise OutputError(f"cannot find a free name for {stem}{ext} in {directory}")
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` all at once: a reader sees the old file or the new one."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        make_dirs(directory)
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         # mkstemp creates the file 0600; results are meant to be shared like any other file.
         os.fchmod(fd, 0o666 & ~_umask())
@@ -41,11 +74,13 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
         raise
 
 

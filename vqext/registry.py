@@ -15,7 +15,7 @@ Rules:
 * A plugin that fails to import, or whose object is not the right kind of class, is recorded with
   its error; using it raises ``PluginError`` with that error, listing it shows it; nothing else is
   affected.
-* ``VQEXT_DISABLE_PLUGINS=1`` ignores every entry point not provided by vqext itself.
+* ``VQEXT_DISABLE_PLUGINS=1`` (or ``true``/``yes``; anything else leaves them on) ignores every entry point not provided by vqext itself.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def _normalise(dist_name: str) -> str:
 
 
 def plugins_disabled() -> bool:
-    return os.environ.get("VQEXT_DISABLE_PLUGINS", "0").strip() not in ("", "0")
+    return os.environ.get("VQEXT_DISABLE_PLUGINS", "").strip().lower() in ("1", "true", "yes")
 
 
 @dataclass

@@ -2,20 +2,24 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import math
 import os
-import statistics
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from . import config as C
-from .errors import ConfigError
+from .errors import ConfigError, VqextError
 from .io import atomic_write_text, read_json
 
 # ------------------------------------------------------------------------------------ reports
 def find_runs(paths: list[str]) -> tuple[list[dict], list[str]]:
-    """Metrics of every finished run under ``paths`` (run dirs or folders of them), and skipped dirs."""
-    runs, skipped, seen = [], [], set()
+    """Metrics of every finished run under ``paths`` (run dirs or folders of them), and one note
+    for each run directory that is skipped (unfinished, unreadable or not written by vqext)."""
+    runs, notes, seen = [], [], set()
     for root in paths:
         if not os.path.exists(root):
             raise ConfigError(f"no such directory: {root}")
@@ -28,14 +32,30 @@ def find_runs(paths: list[str]) -> tuple[list[dict], list[str]]:
                 continue
             seen.add(real)
             if C.METRICS_FILE not in filenames:
-                skipped.append(dirpath)
+                notes.append(f"skipping unfinished run {dirpath}")
                 continue
-            m = read_json(os.path.join(dirpath, C.METRICS_FILE), "run metrics")
-            _check_metrics(m, os.path.join(dirpath, C.METRICS_FILE))
+            try:
+                m = read_json(os.path.join(dirpath, C.METRICS_FILE), "run metrics")
+                _check_metrics(m, os.path.join(dirpath, C.METRICS_FILE))
+                m["config"] = _identity(dirpath)
+                m["other_forecasts"] = _other_forecasts(dirpath, notes)
+            except (VqextError, OSError) as exc:
+                notes.append(f"skipping {dirpath}: {exc}")
+                continue
             m["run"] = dirpath
-            m["other_forecasts"] = _other_forecasts(dirpath)
             runs.append(m)
-    return runs, skipped
+    return runs, notes
+
+
+def _identity(run_dir: str) -> str:
+    """The run's resolved configuration without seed and device (see RunConfig.identity), as
+    canonical JSON: runs with equal identities are one configuration."""
+    path = os.path.join(run_dir, C.CONFIG_FILE)
+    try:
+        cfg = C.RunConfig.from_dict(read_json(path, "run config"))
+    except ConfigError as exc:
+        raise ConfigError(f"run config {path}: {exc}") from None
+    return json.dumps(cfg.identity(), sort_keys=True, default=repr)
 
 
 def _check_metrics(m, path: str) -> None:
@@ -62,15 +82,21 @@ def _check_metrics(m, path: str) -> None:
         raise DataError(f"run metrics {path} is not a vqext metrics file: {'; '.join(problems)}")
 
 
-def _other_forecasts(run_dir: str) -> dict:
-    """``vqext forecast`` results kept in ``RUN/forecasts/<series>/metrics.json``, by series name."""
+def _other_forecasts(run_dir: str, notes: list[str]) -> dict:
+    """``vqext forecast`` results kept in ``RUN/forecasts/<series>/metrics.json``, by folder name."""
     found = {}
     root = os.path.join(run_dir, "forecasts")
     if os.path.isdir(root):
         for name in sorted(os.listdir(root)):
             path = os.path.join(root, name, C.METRICS_FILE)
             if os.path.isfile(path):
-                found[name] = read_json(path, "forecast metrics")
+                try:
+                    f = read_json(path, "forecast metrics")
+                    float(f["regressive"]["mse"])
+                except (VqextError, OSError, KeyError, TypeError, ValueError) as exc:
+                    notes.append(f"skipping forecast {path}: {exc if isinstance(exc, VqextError) else 'not a vqext forecast metrics file'}")
+                    continue
+                found[name] = f
     return found
 
 
@@ -81,9 +107,16 @@ def run_name(m: dict) -> str:
 
 
 def config_key(m: dict) -> str:
-    """A run's configuration without its seed (runs that differ only in seed aggregate)."""
+    """A run's configuration without its seed (runs that differ only in seed aggregate): the
+    whole resolved configuration, data source included."""
+    return m.get("config") or json.dumps({k: m.get(k) for k in ("arch", "pe", "hparams", "data", "time_steps")},
+                                         sort_keys=True, default=repr)
+
+
+def config_name(m: dict) -> str:
+    """A readable name for the configuration: the run label without its seed."""
     label = os.path.normpath(m["run"]).split(os.sep)[-2]
-    return label.rsplit("_s", 1)[0] if f"_s{m.get('seed')}" in label else label
+    return label.rsplit("_s", 1)[0] if label.endswith(f"_s{m.get('seed')}") else label
 
 
 def markdown_table(header: list[str], rows: list[list], align: str | None = None) -> str:
@@ -97,7 +130,7 @@ def markdown_table(header: list[str], rows: list[list], align: str | None = None
 
 def _fmt(v) -> str:
     if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.6g}"
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) else f"{v:.6g}"
     return str(v)
 
 
@@ -116,8 +149,39 @@ def _noise_ratio(m: dict, kind: str = "batch") -> float:
 
 
 def _worst_over_median(values: list[float]) -> float:
-    med = statistics.median(values)
-    return max(values) / med if med > 0 else float("nan")
+    med = _median(values)
+    return _worst(values) / med if med > 0 else float("nan")
+
+
+# NaN and inf are results too (a diverged run): any NaN makes an aggregate NaN, never an error.
+def _median(values) -> float:
+    return float(np.median(np.asarray(list(values), dtype=np.float64)))
+
+
+def _mean(values) -> float:
+    return float(np.mean(np.asarray(list(values), dtype=np.float64)))
+
+
+def _spread(values) -> float:
+    v = np.asarray(list(values), dtype=np.float64)
+    if len(v) < 2:
+        return 0.0
+    with np.errstate(invalid="ignore"):
+        return float(np.std(v, ddof=1))
+
+
+def _worst_index(values: list[float]) -> int:
+    nan = [i for i, v in enumerate(values) if math.isnan(v)]
+    return nan[0] if nan else max(range(len(values)), key=lambda i: values[i])
+
+
+def _worst(values: list[float]) -> float:
+    return values[_worst_index(values)]
+
+
+def _order(v: float) -> tuple:
+    """Sort key that puts NaN last."""
+    return (math.isnan(v), v if not math.isnan(v) else 0.0)
 
 
 def _other_mse(m: dict, name: str) -> float:
@@ -163,31 +227,52 @@ def _runs_section(runs: list[dict], others: list[str]) -> list[str]:
     return md
 
 
+def _series_of(m: dict) -> str:
+    """The series a run was trained on: its source, and its content hash where recorded."""
+    try:
+        cfg = json.loads(config_key(m))
+    except ValueError:
+        cfg = {}
+    return json.dumps([m.get("data"), cfg.get("data_sha256"), cfg.get("column"), cfg.get("data_rows")])
+
+
 def _aggregate(runs: list[dict], others: list[str]) -> list[dict]:
-    """One row per configuration (runs that differ only in seed), best median loss first."""
+    """One row per configuration (runs whose whole resolved configuration, data included, differs
+    only in the seed), best median loss first."""
+    for m in runs:
+        if not m.get("config") and os.path.isfile(os.path.join(m.get("run", ""), C.CONFIG_FILE)):
+            try:
+                m["config"] = _identity(m["run"])
+            except VqextError:
+                pass
     groups: dict[str, list[dict]] = {}
     for m in runs:
         groups.setdefault(config_key(m), []).append(m)
+    names: dict[str, set] = {}
+    for key, ms in groups.items():
+        names.setdefault(config_name(ms[0]), set()).add(key)
     aggregated = []
     for key, ms in groups.items():
-        losses = [m["val_loss"] for m in ms]
-        reg = [m["forecast"]["regressive"]["mse"] for m in ms]
-        row = {"config": key, "arch": ms[0]["arch"], "pe": ms[0]["pe"], "seeds": len(ms),
-               "median": statistics.median(losses), "mean": statistics.fmean(losses),
-               "spread": statistics.stdev(losses) if len(ms) > 1 else 0.0, "worst": max(losses),
-               "worst_seed": ms[losses.index(max(losses))].get("seed"),
-               "regressive_median": statistics.median(reg), "regressive_mean": statistics.fmean(reg),
-               "regressive_spread": statistics.stdev(reg) if len(ms) > 1 else 0.0,
-               "regressive_worst": max(reg), "regressive_worst_seed": ms[reg.index(max(reg))].get("seed"),
+        name = config_name(ms[0])
+        if len(names[name]) > 1:  # one label, different configurations: tell them apart
+            name += "#" + hashlib.sha256(key.encode()).hexdigest()[:6]
+        losses = [float(m["val_loss"]) for m in ms]
+        reg = [float(m["forecast"]["regressive"]["mse"]) for m in ms]
+        row = {"config": name, "key": key, "series": _series_of(ms[0]), "data": ms[0].get("data"),
+               "arch": ms[0]["arch"], "pe": ms[0]["pe"], "seeds": len(ms),
+               "median": _median(losses), "mean": _mean(losses), "spread": _spread(losses),
+               "worst": _worst(losses), "worst_seed": ms[_worst_index(losses)].get("seed"),
+               "regressive_median": _median(reg), "regressive_mean": _mean(reg), "regressive_spread": _spread(reg),
+               "regressive_worst": _worst(reg), "regressive_worst_seed": ms[_worst_index(reg)].get("seed"),
                "regressive_worst_over_median": _worst_over_median(reg),
-               "regressive_median_over_floor": statistics.median(_noise_ratio(m, "regressive") for m in ms),
-               "train_seconds_median": statistics.median(float(m.get("train_seconds") or 0.0) for m in ms)}
-        for name in others:
-            vals = [v for v in (_other_mse(m, name) for m in ms) if isinstance(v, float) and not math.isnan(v)]
-            row[f"{name}_median"] = statistics.median(vals) if vals else float("nan")
-            row[f"{name}_worst"] = max(vals) if vals else float("nan")
+               "regressive_median_over_floor": _median(_noise_ratio(m, "regressive") for m in ms),
+               "train_seconds_median": _median(float(m.get("train_seconds") or 0.0) for m in ms)}
+        for other in others:
+            vals = [v for v in (_other_mse(m, other) for m in ms) if not math.isnan(v)]
+            row[f"{other}_median"] = _median(vals) if vals else float("nan")
+            row[f"{other}_worst"] = _worst(vals) if vals else float("nan")
         aggregated.append(row)
-    aggregated.sort(key=lambda a: (a["median"], a["config"]))
+    aggregated.sort(key=lambda a: (_order(a["median"]), a["config"]))
     return aggregated
 
 
@@ -213,22 +298,28 @@ def _seeds_section(aggregated: list[dict], others: list[str]) -> list[str]:
 
 
 def _pivot_section(aggregated: list[dict]) -> list[str]:
-    """The log's pivot: one row per architecture, one column per encoding (best config each)."""
-    archs = sorted({a["arch"] for a in aggregated})
-    pes = sorted({a["pe"] for a in aggregated}, key=_pe_order)
-    if len(pes) <= 1 and len(archs) <= 1:
-        return []
+    """The log's pivot: one row per architecture, one column per encoding (best config each),
+    one pair of tables per series (a minimum never spans two series)."""
+    by_series: dict[str, list[dict]] = {}
+    for a in aggregated:
+        by_series.setdefault(a["series"], []).append(a)
     md = []
-    for metric, what in (("median", "Validation loss"), ("regressive_median", "Regressive MSE")):
-        rows = []
-        for arch in archs:
-            row = [arch.upper()]
-            for pe in pes:
-                vals = [a[metric] for a in aggregated if a["arch"] == arch and a["pe"] == pe]
-                row.append(min(vals) if vals else "-")
-            rows.append(row)
-        md += ["", f"## {what} by architecture and encoding", "",
-               markdown_table(["Model"] + [_pe_title(p) for p in pes], rows)]
+    for series, rows_of in sorted(by_series.items()):
+        archs = sorted({a["arch"] for a in rows_of})
+        pes = sorted({a["pe"] for a in rows_of}, key=_pe_order)
+        if len(pes) <= 1 and len(archs) <= 1:
+            continue
+        on = f" on {rows_of[0]['data']}" if len(by_series) > 1 else ""
+        for metric, what in (("median", "Validation loss"), ("regressive_median", "Regressive MSE")):
+            rows = []
+            for arch in archs:
+                row = [arch.upper()]
+                for pe in pes:
+                    vals = [a[metric] for a in rows_of if a["arch"] == arch and a["pe"] == pe]
+                    row.append(min(vals, key=_order) if vals else "-")
+                rows.append(row)
+            md += ["", f"## {what} by architecture and encoding{on}", "",
+                   markdown_table(["Model"] + [_pe_title(p) for p in pes], rows)]
     return md
 
 
@@ -249,7 +340,7 @@ def _runs_csv(runs: list[dict], others: list[str]) -> str:
 
 
 def build_tables(runs: list[dict], title: str = "Results") -> Tables:
-    runs = sorted(runs, key=lambda m: (m["val_loss"], run_name(m)))
+    runs = sorted(runs, key=lambda m: (_order(float(m["val_loss"])), run_name(m)))
     others = sorted({name for m in runs for name in m.get("other_forecasts", {})})
     aggregated = _aggregate(runs, others)
     md = [f"# {title}", "", f"{len(runs)} runs, sorted by validation loss (normalised MSE on the validation windows).", ""]

@@ -1,8 +1,11 @@
 """Sweeps: a grid of run configurations, optionally sharded, run in a pool of worker processes."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import signal
+import threading
 from dataclasses import dataclass
 
 from . import config as C
@@ -51,9 +54,47 @@ def shard(grid: list, index: int, count: int) -> list:
 
 
 # ------------------------------------------------------------------------------ sweep running
-def _worker_init(threads: int) -> None:
+class SweepStopped(BaseException):
+    """SIGINT or SIGTERM reached the sweep's process (a BaseException: no ``except Exception`` in a
+    run may swallow it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signal = signal.Signals(signum)
+
+
+@contextlib.contextmanager
+def _signals_stop_the_sweep():
+    """Turn SIGINT and SIGTERM into :class:`SweepStopped` while the sweep runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SweepStopped(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _worker_init(threads: int, parent: int) -> None:
     import torch
 
+    # The parent decides when the sweep stops (a terminal's Ctrl-C reaches the whole group) ...
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # ... and a worker never outlives it, even one killed with SIGKILL (Linux).
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
     torch.set_num_threads(threads)
 
 
@@ -77,15 +118,29 @@ def estimated_cost(cfg: C.RunConfig) -> float:
 
 
 def run_sweep(configs: list[C.RunConfig], out_root: str, *, jobs: int = 1, quiet: bool = False,
-              cache: bool = False, echo=print) -> list[dict]:
-    """Run every config (``jobs`` worker processes, CPU threads split between them)."""
-    results = []
-    if jobs <= 1:
-        for n, cfg in enumerate(configs, 1):
-            if not quiet:
-                echo(f"[{n}/{len(configs)}] {cfg.arch} {cfg.pe} seed {cfg.seed} {cfg.user_hparams or ''}")
-            results.append(_run_point(cfg.to_dict(), out_root, cache))
-        return results
+              cache: bool = False, echo=print) -> tuple[list[dict | None], signal.Signals | None]:
+    """Run every config (``jobs`` worker processes, CPU threads split between them).
+
+    Returns the results in ``configs`` order and the signal that stopped the sweep (None when it
+    ran to the end). On SIGINT or SIGTERM the workers are terminated at once; runs that had not
+    finished are None in the results.
+    """
+    results: list[dict | None] = [None] * len(configs)
+    with _signals_stop_the_sweep():
+        try:
+            if jobs <= 1:
+                for n, cfg in enumerate(configs, 1):
+                    if not quiet:
+                        echo(f"[{n}/{len(configs)}] {cfg.arch} {cfg.pe} seed {cfg.seed} {cfg.user_hparams or ''}")
+                    results[n - 1] = _run_point(cfg.to_dict(), out_root, cache)
+            else:
+                _run_pool(configs, out_root, jobs, quiet, cache, echo, results)
+        except SweepStopped as stop:
+            return results, stop.signal
+    return results, None
+
+
+def _run_pool(configs, out_root, jobs, quiet, cache, echo, results) -> None:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -93,14 +148,33 @@ def run_sweep(configs: list[C.RunConfig], out_root: str, *, jobs: int = 1, quiet
     ctx = mp.get_context("spawn")  # fork after torch has started its thread pools can deadlock
     # Longest first (a greedy schedule): a long run started last would leave the other workers idle.
     order = sorted(range(len(configs)), key=lambda i: -estimated_cost(configs[i]))
-    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
+    pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads, os.getpid()))
+    try:
         futures = {pool.submit(_run_point, configs[i].to_dict(), out_root, cache): i for i in order}
-        done: dict[int, dict] = {}
         for n, fut in enumerate(as_completed(futures), 1):
             i = futures[fut]
-            done[i] = fut.result()
+            results[i] = r = fut.result()
             if not quiet:
-                r = done[i]
                 status = r.get("error") or f"val loss {r['val_loss']:.6g}"
                 echo(f"[{n}/{len(configs)}] {configs[i].arch} {configs[i].pe} seed {configs[i].seed}: {status}")
-    return [done[i] for i in range(len(configs))]
+    except BaseException:
+        _terminate(pool)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _terminate(pool) -> None:
+    """Stop a process pool now: drop queued work and end the workers (SIGTERM, then SIGKILL)."""
+    import time
+
+    workers = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in workers:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + 5
+    for p in workers:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(1)

@@ -25,7 +25,7 @@ import torch
 from . import config as C
 from . import distributed
 from . import objectives
-from .checkpoint import open_for_resume, restore_rng, rng_state, save_checkpoint
+from .checkpoint import load_model_state, open_for_resume, restore_rng, rng_state, save_checkpoint
 from .windows import WindowSet, build, scalers_to_dict
 from .errors import VqextError
 from .io import atomic_write_json, atomic_write_text
@@ -128,7 +128,7 @@ def _initial_state(cfg: C.RunConfig, run_dir: str | None, ds: WindowSet, resume:
     # Rank 0 reads the checkpoint and sends it to the others (no shared file system needed).
     ckpt = dist.broadcast_call(lambda: open_for_resume(run_dir, ckpt_path)) if resume and run_dir else None
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        load_model_state(model, ckpt["model"], ckpt_path)
         if optimizer is not None:
             optimizer.load_state_dict(ckpt["optimizer"])
         history = [json.loads(line) for line in ckpt["history"]]

@@ -52,7 +52,34 @@ def _split_offset(name: str, offset, batch: int, device: torch.device):
         except ImportError:  # pragma: no cover
             pass
         raise TypeError(f"{name} must be an int or an integer tensor, got {type(offset).__name__}")
+    if not -(2**63) <= offset < 2**63:
+        raise ValueError(f"{name}={offset} does not fit the kernels' 64-bit integer positions "
+                         f"(|{name}| must be below 2**63; RoPE is exact only below 2**{_EXACT_POSITION_BITS})")
     return int(offset), None
+
+
+#: RoPE angles are position x frequency in float64; beyond 2**40 the angle's rounding error passes
+#: 1e-4 radians and results drift away from those of the same window at position 0.
+_EXACT_POSITION_BITS = 40
+
+
+class PrecisionWarning(RuntimeWarning):
+    """RoPE positions so large that the rotation angles lose precision."""
+
+
+def _warn_far_positions(name: str, off: int, offs) -> None:
+    """Warn when a RoPE offset passes 2**40 (tensor offsets are checked when on the CPU, where
+    reading them costs no device synchronisation)."""
+    far = abs(off)
+    if offs is not None and offs.device.type == "cpu" and offs.numel():
+        far = max(far, int(offs.abs().max()))
+    if far > 2**_EXACT_POSITION_BITS:
+        import warnings
+
+        warnings.warn(f"{name} reaches position {far} (> 2**{_EXACT_POSITION_BITS}): RoPE angles lose "
+                      f"precision there and results drift from those at small offsets; keep positions "
+                      f"below 2**{_EXACT_POSITION_BITS} (e.g. subtract a common offset from q_offset and k_offset, "
+                      f"which leaves causal masks and relative encodings unchanged)", PrecisionWarning, stacklevel=3)
 
 
 def _check_base(base) -> float:
@@ -83,6 +110,7 @@ def apply_rope(x: torch.Tensor, offset=0, base: float = 10000.0) -> torch.Tensor
         raise ValueError(f"x's last dim (head size d) must be even, got {d}")
     base = _check_base(base)
     off, offs = _split_offset("offset", offset, x.shape[0], x.device)
+    _warn_far_positions("offset", off, offs)
     if not _native_ok(_ROPE_CPU_DTYPES, x):
         return apply_rope_reference(x, offset if offs is None else offs, base)
     return torch.ops.vqext.apply_rope(x, off, offs, base, False)
@@ -142,6 +170,10 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
         raise ValueError(f"q's head count {Hq} must be a multiple of k's head count {Hk}")
     q_off, q_offs = _split_offset("q_offset", q_offset, B, q.device)
     k_off, k_offs = _split_offset("k_offset", k_offset, B, q.device)
+    if rope_q:
+        _warn_far_positions("q_offset", q_off, q_offs)
+    if rope_k:
+        _warn_far_positions("k_offset", k_off, k_offs)
     if scale is None:
         scale = d ** -0.5
     elif isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)):

@@ -43,7 +43,9 @@ def nearest_code_reference(x: torch.Tensor, codebook: torch.Tensor, metric: str 
             s = diff.pow(2).sum(-1)
             score, idx = s.min(-1)  # min returns the first minimum
         else:
-            s = torch.einsum("nhd,hkd->nhk", xc, cb)
+            # Products summed per code, not a matmul: a matmul's blocking may sum two equal codes
+            # in different orders, and the tie they form would go to the larger index.
+            s = (xc.unsqueeze(2) * cb.unsqueeze(0)).sum(-1)
             score, idx = s.max(-1)
         idx_parts.append(idx)
         score_parts.append(score)
