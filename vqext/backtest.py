@@ -240,7 +240,7 @@ class VqextForecaster:
         return out[["unique_id", "step", "y_hat"]]
 
 
-def load_frame(spec: str | None, column):
+def load_frame(spec: str | None, column, **data_options):
     """The data as a long frame ``unique_id, ds, y`` and a short label."""
     import numpy as np
     import pandas as pd
@@ -248,7 +248,7 @@ def load_frame(spec: str | None, column):
     from . import data as D
 
     if hasattr(D, "load_panel"):
-        panel = D.load_panel(spec, column=column)
+        panel = D.load_panel(spec, column=column, **data_options)
         return panel.to_frame(), panel.name
     series = D.load_series(spec, column)
     return pd.DataFrame({"unique_id": series.name, "ds": np.arange(len(series)), "y": series.values}), series.name

@@ -201,6 +201,29 @@ _HPARAM_OPTIONS = {
 }
 
 
+DATA_OPTION_NAMES = ("format", "id_col", "time_col", "value_col", "fill")
+
+
+def _data_options(f):
+    """How to read --data: its format, the long format's columns, and how to fill gaps."""
+    for o in reversed([
+        click.option("--format", "format", type=click.Choice(["auto", "long", "wide", "m4", "single"]), default=None,
+                     help="layout of the CSV (default: auto, see docs/data.md)."),
+        click.option("--id-col", default=None, help="long format: the series id column (default: unique_id)."),
+        click.option("--time-col", default=None, help="long format: the timestamp column (default: ds)."),
+        click.option("--value-col", default=None, help="long format: the value column (default: y)."),
+        click.option("--fill", type=click.Choice(["ffill", "interpolate", "zero", "drop"]), default=None,
+                     help="fill gaps in the values (default: a gap is an error naming its line)."),
+    ]):
+        f = o(f)
+    return f
+
+
+def _data_kwargs(kw) -> dict:
+    """The data options the user gave (the loader's defaults stand for the rest)."""
+    return {k: kw[k] for k in DATA_OPTION_NAMES if kw.get(k) is not None}
+
+
 def _common_training_options(sweep: bool):
     """Options shared by run and sweep; in a sweep, hparams take comma-separated lists."""
     def deco(f):
@@ -279,7 +302,7 @@ def _common_training_options(sweep: bool):
                                       + (" A comma-separated list is a grid axis." if sweep else "")))
         for o in reversed(opts):
             f = o(f)
-        return f
+        return _data_options(f)
     return deco
 
 
@@ -372,7 +395,7 @@ def _make_config(arch, pe, user_hparams, kw, seed):
 
     time_steps, horizon, split = kw["time_steps"], kw["horizon"] or 0, kw["split"]
     if time_steps is None or split is None:
-        panel = as_panel(kw["data"], kw["column"])
+        panel = as_panel(kw["data"], kw["column"], **_data_kwargs(kw))
         if time_steps is None:
             time_steps = default_time_steps(min(len(s.values) for s in panel))
         if split is None:
@@ -384,7 +407,8 @@ def _make_config(arch, pe, user_hparams, kw, seed):
                     column=kw["column"], time_steps=time_steps, seed=seed, split=split,
                     split_seed=kw["split_seed"], positions=kw["positions"], device=kw["device"],
                     val_fraction=kw["val_fraction"], val_size=kw["val_size"], normalize=kw["normalize"],
-                    horizon=horizon, windows_per_epoch=kw["windows_per_epoch"], **training)
+                    horizon=horizon, windows_per_epoch=kw["windows_per_epoch"], data_options=_data_kwargs(kw),
+                    **training)
     cfg.validate()
     return cfg
 
@@ -459,7 +483,7 @@ def run(arch, pe, seed, freeze_codebook, resume_dir, quiet, out, cache, hp, **kw
         return
     click.echo(_summary_table([metrics]))
     fl = metrics["noise_floor"]
-    click.echo(f"noise floor (variance around a {fl['window']}-point moving average): {fl['variance']:.6g}; "
+    click.echo(f"noise floor (residual variance of an order-{fl['window']} autoregression): {fl['variance']:.6g}; "
                f"one-step MSE is {metrics['forecast']['batch']['mse'] / fl['variance']:.3g}x of it"
                if fl["variance"] > 0 else "")
     click.echo(f"run directory: {metrics['run']}")
@@ -636,7 +660,8 @@ def sweep(archs, pes, seeds, freeze_codebook, jobs, shard, also, quiet, out, cac
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="where to write (default: RUN/forecasts/<data>).")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar.")
-def forecast(run_dir, data, column, horizon, origin, normalize, direct, cache, out, quiet):
+@_data_options
+def forecast(run_dir, data, column, horizon, origin, normalize, direct, cache, out, quiet, **data_kw):
     """Forecast with a trained run: the future of every series (default), or the log's in-sample rollout.
 
     --origin end writes forecast.csv (unique_id, step, ds, y_hat: the points after each series'
@@ -660,7 +685,7 @@ def forecast(run_dir, data, column, horizon, origin, normalize, direct, cache, o
 
         summary, out = forecast_future_run(run_dir, data, column, horizon, normalize=normalize or "train",
                                            direct=direct, cache="auto" if cache is None else cache, out=out,
-                                           progress=not quiet)
+                                           progress=not quiet, data_options=_data_kwargs(data_kw))
         click.echo(markdown_table(["series", "steps", "method", "normalize", "seconds"],
                                   [[summary["series"], summary["horizon"], summary["method"], summary["normalize"],
                                     summary["seconds"]]]))
@@ -671,7 +696,7 @@ def forecast(run_dir, data, column, horizon, origin, normalize, direct, cache, o
     from .experiment import forecast_run
 
     metrics, out = forecast_run(run_dir, data, column, horizon, bool(cache), out, note=note,
-                                normalize=normalize or "series")
+                                normalize=normalize or "series", data_options=_data_kwargs(data_kw))
     b, r = metrics["batch"], metrics["regressive"]
     click.echo(markdown_table(["forecast", "steps", "MSE", "MAE"],
                               [["one-step (batch)", b["points"], b["mse"], b["mae"]],
@@ -687,8 +712,8 @@ def forecast(run_dir, data, column, horizon, origin, normalize, direct, cache, o
 def report(dirs, out):
     """Tabulate and plot finished runs found under DIRS (merges sweep shards).
 
-    Errors are shown next to a noise-floor estimate: the variance of the series around its
-    centred moving average.
+    Errors are shown next to a noise-floor estimate: the residual variance of a least-squares
+    autoregression on the series (the one-step error left once the predictable part is gone).
 
     \b
     Examples:
@@ -774,7 +799,7 @@ def backtest(arch, pe, seed, freeze_codebook, quiet, out, cache, windows, step, 
     horizon = kw.get("horizon")
     if not horizon or horizon < 1:
         raise click.BadParameter("give the points to forecast from each origin (at least 1)", param_hint="--horizon")
-    frame, name = B.load_frame(kw["data"], kw["column"])
+    frame, name = B.load_frame(kw["data"], kw["column"], **_data_kwargs(kw))
     names, note = BL.resolve_baselines(baselines_spec)
     if note and not quiet:
         click.echo(f"note: {note}", err=True)

@@ -29,6 +29,7 @@ class RunConfig:
     data_sha256: str | None = None                     # of the file's bytes (None: not a file)
     data_rows: int | None = None                       # points in the series
     column: str | None = None
+    data_options: dict = field(default_factory=dict)   # load_panel's format, id_col, time_col, value_col, fill
     time_steps: int = 96
     epochs: int = 50
     lr: float = 0.007

@@ -16,7 +16,7 @@ import torch
 from . import config as C
 from . import distributed, plots, provenance
 from .checkpoint import load_run
-from .data import check_length, load_series, noise_floor
+from .data import check_length, noise_floor
 from .forecast import codebook_usage, forecast_series
 from .errors import DataError
 from .forecast_files import write_forecast_files, write_future_files
@@ -31,7 +31,7 @@ def run_experiment(cfg: C.RunConfig, out_root: str = "runs", *, quiet: bool = Fa
     (None on a torchrun rank other than 0). With ``resume_dir`` the run continues in that
     directory from its last checkpoint."""
     cfg.validate()
-    panel = as_panel(cfg.data, cfg.column)
+    panel = as_panel(cfg.data, cfg.column, **cfg.data_options)
     if len(panel) == 1:
         series = next(iter(panel))
         check_length(len(series), cfg.time_steps, series.source)  # before a run directory exists
@@ -169,7 +169,8 @@ def forecast_out_dir(run_dir: str, series, column, horizon, cache, out: str | No
 
 
 def forecast_run(run_dir: str, data: str, column=None, horizon: int | None = None, cache: bool = False,
-                 out: str | None = None, note=print, normalize: str = "series") -> tuple[dict, str]:
+                 out: str | None = None, note=print, normalize: str = "series",
+                 data_options: dict | None = None) -> tuple[dict, str]:
     """Apply a finished run to a series the log's way: roll from its first ``T`` points
     (``--origin start``), normalised with the series' own statistics (``normalize="series"``) or
     with those the run saved for it (``"train"``; the series' own when the run never saw it).
@@ -184,7 +185,11 @@ def forecast_run(run_dir: str, data: str, column=None, horizon: int | None = Non
              f"`vqext run --resume {run_dir}` finishes it")
     if horizon is not None:
         check_horizon(horizon, cfg.time_steps)
-    series = load_series(data, column)
+    panel = as_panel(data, column, **(data_options or {}))
+    if len(panel) != 1:
+        raise DataError(f"--origin start rolls over one series; {panel.source} has {len(panel)} "
+                        "(use --origin end, or pick one with --column)")
+    series = next(iter(panel))
     if len(series) < cfg.time_steps + 2:
         raise DataError(f"{series.source} has {len(series)} points; the run was trained on windows of "
                         f"{cfg.time_steps} steps, so forecasting needs at least {cfg.time_steps + 2}")
@@ -208,7 +213,7 @@ def forecast_run(run_dir: str, data: str, column=None, horizon: int | None = Non
 
 def forecast_future_run(run_dir: str, data, column=None, horizon: int | None = None, *, normalize: str = "train",
                         direct: bool | None = None, cache: bool | str = "auto", out: str | None = None,
-                        progress: bool = False) -> tuple[dict, str]:
+                        progress: bool = False, data_options: dict | None = None) -> tuple[dict, str]:
     """Forecast the ``horizon`` points after the end of every series of ``data`` with a finished
     run; writes ``forecast.csv``, ``forecast.png`` and ``metrics.json`` into ``out`` (default
     ``RUN/forecasts/<data>``). Returns (a summary, out)."""
@@ -222,7 +227,7 @@ def forecast_future_run(run_dir: str, data, column=None, horizon: int | None = N
     if not horizon:
         raise ConfigError(f"the run {run_dir} was not trained for a horizon; give --horizon H")
     method = None if direct is None else ("direct" if direct else "rollout")
-    panel = as_panel(data, column)
+    panel = as_panel(data, column, **(data_options or {}))
     out = forecast_out_dir(run_dir, panel, column, horizon, cache, out)
     t0 = time.perf_counter()
     frame = forecast(fitted, panel, horizon, normalize=normalize, method=method, cache=cache, progress=progress)

@@ -41,8 +41,9 @@ MAX_HORIZON_WINDOWS = 100
 
 
 # ------------------------------------------------------------------------------------ the data
-def as_panel(data, column=None):
-    """A Panel from a Panel, a Series, a list of Series, or a spec (path, bundled:NAME, synthetic:NAME)."""
+def as_panel(data, column=None, **data_options):
+    """A Panel from a Panel, a Series, a list of Series, or a spec (path, bundled:NAME, synthetic:NAME);
+    ``data_options`` (format, id_col, time_col, value_col, fill) go to :func:`vqext.data.load_panel`."""
     from .data import Panel, load_panel
 
     if isinstance(data, Panel):
@@ -51,7 +52,7 @@ def as_panel(data, column=None):
         return Panel(tuple(data), "<series>", "series", "long")
     if hasattr(data, "values") and not isinstance(data, (str, os.PathLike)):
         return Panel((data,), getattr(data, "source", "<series>"), getattr(data, "name", "series"), "single")
-    return load_panel(None if data is None else os.fspath(data), column=column)
+    return load_panel(None if data is None else os.fspath(data), column=column, **data_options)
 
 
 def series_uid(series, index: int) -> str:
@@ -141,7 +142,8 @@ def make_config(data=None, *, arch: str | None = None, pe: str | None = None, ho
     if unknown:
         raise ConfigError(f"make_config: unknown settings {sorted(unknown)}")
     if time_steps is None:
-        panel = as_panel(data, settings.get("column")) if data is not None else None
+        panel = (as_panel(data, settings.get("column"), **settings.get("data_options", {}))
+                 if data is not None else None)
         time_steps = default_time_steps(min(len(s.values) for s in panel) - horizon) if panel is not None else 96
     user = dict(hparams or {})
     user.update(direct_hparams(arch, horizon, direct))
@@ -162,7 +164,7 @@ def fit(cfg, data, run_dir: str | None = None, *, quiet: bool = True) -> Fitted:
     """
     from .train import train
 
-    panel = as_panel(data, getattr(cfg, "column", None))
+    panel = as_panel(data, getattr(cfg, "column", None), **getattr(cfg, "data_options", {}))
     result = train(cfg, run_dir, quiet=quiet, data=panel)
     return Fitted(result.model.cpu().eval(), cfg, dict(result.dataset.scalers), run_dir, result.history)
 

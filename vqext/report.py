@@ -220,10 +220,10 @@ def _runs_section(runs: list[dict], others: list[str]) -> list[str]:
         md += ["", "Regressive MSE on another series: `vqext forecast --run RUN --data CSV` (normalised with "
                "that series' own statistics), kept in RUN/forecasts/<series>/."]
     floors = {(m["data"], m["noise_floor"]["window"], round(m["noise_floor"]["variance"], 6)) for m in runs}
-    md += ["", "Noise floor: variance of the series around its centred moving average "
+    md += ["", "Noise floor: residual variance of a least-squares autoregression on the series "
            "(errors below it are not meaningful; an MSE ratio near 1 is as good as it gets, and "
            "ratio - 1 is roughly what is left to gain):"]
-    md += [f"- {d}: moving average of {w} points, variance {v:.6g}" for d, w, v in sorted(floors)]
+    md += [f"- {d}: autoregression of order {w}, variance {v:.6g}" for d, w, v in sorted(floors)]
     return md
 
 

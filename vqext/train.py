@@ -61,7 +61,7 @@ def windows_for(cfg: C.RunConfig, data=None, direct_horizon: int = 0) -> WindowS
     if data is None:
         from .forecasting import as_panel
 
-        data = as_panel(cfg.data, cfg.column)
+        data = as_panel(cfg.data, cfg.column, **cfg.data_options)
     return build(data, cfg.time_steps, split=cfg.split, normalize=cfg.normalize, val_fraction=cfg.val_fraction,
                  split_seed=cfg.split_seed, val_size=cfg.val_size, horizon=direct_horizon,
                  forecast_horizon=cfg.horizon)
