@@ -77,10 +77,11 @@ def check_positions(cfg: C.RunConfig, ds) -> None:
     """Run the model once on the window at the furthest position training will use, so that an
     encoding that cannot reach it fails before a run directory exists."""
     model = build_model(cfg)
-    last = len(ds.x) - 1
+    starts = ds.local_start(torch.arange(len(ds.starts)))
+    last = torch.argmax(starts).reshape(1)
     with torch.no_grad():
         model.eval()
-        model(ds.x[last:last + 1], start_pos=window_start_pos(cfg, torch.tensor([last])))
+        model(ds.x[last], start_pos=window_start_pos(cfg, starts[last]))
 
 
 def remove_unstarted_run(run_dir: str) -> None:
