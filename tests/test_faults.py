@@ -138,7 +138,7 @@ def test_signal_to_sweep_parent_stops_workers_and_writes_the_table(sig, tmp_path
 def test_signal_to_forecast_leaves_whole_files(sig, tmp_path, finished_run):
     run_dir = _copy_run(finished_run, tmp_path / "runs")
     before = snapshot(tmp_path)
-    p = _start("forecast", "--run", run_dir, "--data", "synthetic:sine:400", "--horizon", "3000")
+    p = _start("forecast", "--run", run_dir, "--data", "synthetic:sine:400", "--horizon", "3000", "--origin", "start")
     _, err, _ = _signal_at_random_point(p, sig, 0.0, 3.0)
     assert p.returncode in (0, 128 + sig, -sig), err
     assert "Traceback" not in err, err
@@ -190,7 +190,7 @@ def test_two_forecasts_at_once(tmp_path, finished_run):
     run_dir = _copy_run(finished_run, tmp_path / "runs")
     a, b = write_series(tmp_path / "a" / "s.csv", 50), write_series(tmp_path / "b" / "s.csv", 50, 1.0)
     before = snapshot(run_dir)
-    procs = [_start("forecast", "--run", run_dir, "--data", path) for path in (a, b, a)]
+    procs = [_start("forecast", "--run", run_dir, "--data", path, "--origin", "start") for path in (a, b, a)]
     outs = []
     for p in procs:
         out, err = p.communicate(timeout=300)
@@ -242,7 +242,7 @@ def test_corrupted_and_foreign_run_files_give_one_line_and_change_nothing(damage
     else:
         json.dump([1, 2, 3], open(met, "w"))
     before = snapshot(tmp_path)
-    commands = [["forecast", "--run", run_dir, "--data", "synthetic:sine:50"],
+    commands = [["forecast", "--run", run_dir, "--data", "synthetic:sine:50", "--origin", "start"],
                 ["run", "--resume", run_dir, "--epochs", "2"], ["report", tmp_path / "runs"]]
     metrics_ok = damage in ("truncated checkpoint", "checkpoint of another run")
     for args in commands:

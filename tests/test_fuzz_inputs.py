@@ -73,12 +73,17 @@ def test_cli_forecast_with_a_malformed_csv_prints_one_error_line(name, tmp_path)
 
 
 @pytest.mark.parametrize("content", [b"", b"{", b"\xff\xfe", b"[1, 2]", b'{"val_loss": "x"}'])
-def test_cli_report_with_a_damaged_run_dir_prints_one_error_line(content, tmp_path):
+def test_cli_report_with_a_damaged_run_dir_skips_it_with_one_note(content, tmp_path):
     run = tmp_path / "label" / "stamp"
     run.mkdir(parents=True)
     (run / "config.json").write_text("{}")
     (run / "metrics.json").write_bytes(content)
-    one_error_line(CliRunner().invoke(main, ["report", str(tmp_path)]))
+    r = CliRunner().invoke(main, ["report", str(tmp_path)])
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    # the damaged run is skipped with one note naming its file; with nothing left, one error line
+    assert len(lines) == 2 and lines[0].startswith("note: skipping") and "metrics.json" in lines[0], r.output
+    assert "no finished runs" in lines[1], r.output
 
 
 CELLS = st.one_of(

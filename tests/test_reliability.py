@@ -128,7 +128,7 @@ def test_forecast_refuses_to_write_into_a_run_directory(tmp_path):
     other = train_tiny(runs, "synthetic:sine:60", "--seed", "1")
     before = snapshot(runs)
     for out in (run_dir, other, os.path.join(run_dir, ".")):
-        one_line_error(invoke("forecast", "--run", run_dir, "--data", "synthetic:sine:50", "--out", out),
+        one_line_error(invoke("forecast", "--origin", "start", "--run", run_dir, "--data", "synthetic:sine:50", "--out", out),
                        "is a run directory")
     assert_unchanged(before, snapshot(runs))
     assert set(before) == set(snapshot(runs))
@@ -140,7 +140,7 @@ def test_default_forecast_folders_are_unique_per_input(tmp_path):
               write_series(tmp_path / "y+w.csv", 40, 2.0), write_series(tmp_path / "y_w.csv", 40, 3.0)]
     outs = set()
     for path in inputs:
-        r = invoke("forecast", "--run", run_dir, "--data", path)
+        r = invoke("forecast", "--origin", "start", "--run", run_dir, "--data", path)
         assert r.exit_code == 0, r.output
         out = r.output.strip().splitlines()[-1].removeprefix("written to ")
         assert json.load(open(os.path.join(out, C.METRICS_FILE)))["data"] == path
@@ -360,7 +360,7 @@ def test_config_with_a_wrong_type_is_one_line(finished):
     cfg = json.load(open(path))
     cfg["time_steps"] = "8"
     json.dump(cfg, open(path, "w"))
-    one_line_error(invoke("forecast", "--run", finished, "--data", "synthetic:sine:50"), "time_steps", "int")
+    one_line_error(invoke("forecast", "--origin", "start", "--run", finished, "--data", "synthetic:sine:50"), "time_steps", "int")
     one_line_error(invoke("run", "--resume", finished), "time_steps", "config.json")
 
 
@@ -369,12 +369,12 @@ def test_checkpoint_of_another_configuration_is_one_line(finished):
     cfg = json.load(open(path))
     cfg["hparams"]["d_model"] = 16
     json.dump(cfg, open(path, "w"))
-    one_line_error(invoke("forecast", "--run", finished, "--data", "synthetic:sine:50"),
+    one_line_error(invoke("forecast", "--origin", "start", "--run", finished, "--data", "synthetic:sine:50"),
                    "does not fit the model", "checkpoint.pt")
 
 
 def test_forecast_on_a_too_short_series_does_not_advise_a_missing_option(finished):
-    line = one_line_error(invoke("forecast", "--run", finished, "--data", "synthetic:sine:9"), "at least 10")
+    line = one_line_error(invoke("forecast", "--origin", "start", "--run", finished, "--data", "synthetic:sine:9"), "at least 10")
     assert "--time-steps" not in line
 
 
@@ -420,7 +420,7 @@ def test_forecast_of_a_partly_trained_run_says_so(finished):
     cfg = json.load(open(path))
     cfg["epochs"] = 5
     json.dump(cfg, open(path, "w"))
-    r = invoke("forecast", "--run", finished, "--data", "synthetic:sine:50")
+    r = invoke("forecast", "--origin", "start", "--run", finished, "--data", "synthetic:sine:50")
     assert r.exit_code == 0 and "partly trained (1 of 5 epochs)" in r.output, r.output
 
 

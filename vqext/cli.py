@@ -77,8 +77,10 @@ def _terminate_cleanly() -> None:
     import threading
 
     def handler(signum, frame):
+        from .errors import Terminated
+
         click.echo("vqext: terminated", err=True)
-        raise SystemExit(128 + signum)
+        raise Terminated(128 + signum)
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)

@@ -15,3 +15,7 @@ class DataError(VqextError, ValueError):
 
 class PluginError(VqextError):
     """A plugin that failed to import or register."""
+
+
+class Terminated(SystemExit):
+    """SIGTERM reached the process: unwind and exit 128 + 15 (never mistaken for a plugin's sys.exit)."""

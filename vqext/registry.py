@@ -28,7 +28,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError, PluginError
+from .errors import ConfigError, PluginError, Terminated
 
 ARCH_GROUP = "vqext.architectures"
 PE_GROUP = "vqext.positional_encodings"
@@ -73,6 +73,8 @@ class Entry:
                 self._check_kind(obj)
                 self.obj = obj
             except (Exception, SystemExit) as exc:  # noqa: BLE001 - a broken plugin never breaks the rest
+                if isinstance(exc, Terminated):
+                    raise
                 self.error = f"{type(exc).__name__}: {exc}"
                 self.traceback = traceback.format_exc()
         if self.error:

@@ -82,6 +82,9 @@ def native_step(model) -> NativeStep | None:
             return None
     named = dict(model.named_parameters())
     named.update(model.named_buffers())
+    # The direct multi-step head reads the last hidden state of a whole window; a one-step decode
+    # never uses it, so it is not part of the step's schema.
+    named = {k: v for k, v in named.items() if not k.startswith("direct_head.")}
     tensors = list(named.values())
     dtypes = {t.dtype for t in tensors}
     if dtypes not in ({torch.float32}, {torch.float64}) or any(t.device.type != "cpu" for t in tensors):
