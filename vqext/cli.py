@@ -345,6 +345,7 @@ def _parse_hp(items, sweep: bool) -> dict:
     return out
 
 
+# The int and float branches look alike but try different types in turn (bool, None, int, float, str).
 def _hp_value(text: str, default):
     """A --hp value typed like the architecture's default for it (JSON-like when the default is None)."""
     low = text.lower()

@@ -220,6 +220,7 @@ def resolve_training(arch: str, **given) -> dict:
     return out
 
 
+# One branch per setting on purpose: each tag's format differs (duplicates flags them by shape).
 def training_tags(cfg: "RunConfig") -> list[str]:
     """Label parts for training settings that differ from the log's plain training."""
     tags = []
@@ -259,6 +260,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
+# Like io.reserve_name's loop, but claims a directory with mkdir; the two differ in what they create.
 def new_run_dir(root: str, label: str) -> str:
     """``root/label/YYYY-mm-dd-HH-MM-SS`` (``-2``, ``-3`` ... on a clash), created race-free."""
     stamp = _dt.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")

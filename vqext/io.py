@@ -42,6 +42,7 @@ def make_dirs(path: str, what: str = "output folder") -> None:
         raise OutputError(f"cannot create {what} {path}: {exc.strerror or exc}") from None
 
 
+# Like config.new_run_dir's loop, but claims a file with O_EXCL; the two differ in what they create.
 def reserve_name(directory: str, stem: str, ext: str) -> str:
     """A stem, ``stem`` or ``stem-2``, ``stem-3`` ..., whose ``stem.ext`` this call created empty
     (exclusively), so that concurrent writers never pick the same files."""

@@ -184,6 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_bwd_cpu(
   return {dq, dk, dv};
 }
 
+// Its argument checks are repeated in apply_rope_cuda so each backend file stands alone.
 at::Tensor apply_rope_cpu(const at::Tensor& x_in, int64_t offset, const c10::optional<at::Tensor>& offsets, double base,
                           bool inverse) {
   TORCH_CHECK(x_in.dim() == 3 || x_in.dim() == 4, "x must have 3 (B, T, d) or 4 (B, H, T, d) dims, got ", x_in.dim());

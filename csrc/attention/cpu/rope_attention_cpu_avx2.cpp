@@ -10,6 +10,8 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 
+// One translation unit per instruction set (AVX2 here): the same kernel header instantiated
+// under that target, so these files differ only in their vector width and target.
 namespace vqext {
 namespace attention {
 namespace {

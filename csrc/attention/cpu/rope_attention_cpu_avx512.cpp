@@ -10,6 +10,8 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")
 
+// One translation unit per instruction set (AVX-512 here): the same kernel header instantiated
+// under that target, so these files differ only in their vector width and target.
 namespace vqext {
 namespace attention {
 namespace {

@@ -3,6 +3,8 @@
 // without AVX2 + FMA, non-x86 CPUs, or VQEXT_CPU_ISA=portable.
 #include "rope_attention_cpu.h"
 
+// One translation unit per instruction set (portable here): the same kernel header instantiated
+// under that target, so these files differ only in their vector width and target.
 namespace vqext {
 namespace attention {
 namespace {

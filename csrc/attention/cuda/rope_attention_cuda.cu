@@ -207,6 +207,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params p, const T* __
 // ---------------------------------------------------------------------------------------------
 // dq: one thread per query row, keys streamed through shared memory.
 template <typename T, typename A, int DMAX>
+// Its prologue mirrors forward_kernel's (stage and rotate one query tile): the two kernels keep
+// their register budgets separate instead of sharing a device function that would raise both.
 __global__ void __launch_bounds__(kThreads) dq_kernel(Params p, const T* __restrict__ gout, const T* __restrict__ q,
                                                       const T* __restrict__ k, const T* __restrict__ v,
                                                       const A* __restrict__ lse, const A* __restrict__ Drow,
@@ -510,6 +512,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_bwd_cuda(
   return {dq, dk_acc.to(k.scalar_type()), dv};
 }
 
+// Its argument checks are the CPU op's (apply_rope_cpu), repeated so each backend file stands alone.
 at::Tensor apply_rope_cuda(const at::Tensor& x_in, int64_t offset, const c10::optional<at::Tensor>& offsets,
                            double base, bool inverse) {
   TORCH_CHECK(x_in.dim() == 3 || x_in.dim() == 4, "x must have 3 (B, T, d) or 4 (B, H, T, d) dims, got ", x_in.dim());

@@ -80,6 +80,7 @@ struct Field {
 inline constexpr Field<BlockWeights> kBlockFields[] = {
     {"norm_attn.weight", &BlockWeights::norm_attn_weight, 1, {Dim::D}, true},
     {"norm_attn.bias", &BlockWeights::norm_attn_bias, 1, {Dim::D}, true},
+    // A table of names on purpose (alike rows): the schema both languages check weights against.
     {"attn.qkv_proj.weight", &BlockWeights::qkv_weight, 2, {Dim::QKV, Dim::D}, true},
     {"attn.qkv_proj.bias", &BlockWeights::qkv_bias, 1, {Dim::QKV}, false},
     {"attn.out_proj.weight", &BlockWeights::out_weight, 2, {Dim::D, Dim::D}, true},

@@ -14,6 +14,7 @@
 
 #include "nearest_code_kernel.h"
 
+// Alike in shape with the other instruction sets' files by design: one set of intrinsics per ISA.
 namespace vqext {
 namespace vq {
 namespace {
