@@ -56,6 +56,8 @@ def test_validation_mode_holds_out_the_last_horizon(tmp_path):
 
 
 def test_test_mode_scores_the_test_file(tmp_path):
+    # A synthetic two-series file named like M4's test part, written here: it exercises --test's
+    # scoring path only. No official M4 test file is read; tuning uses the validation split.
     full = {"H1": series(130, 0), "H2": series(110, 5)}
     train, test = tmp_path / "Hourly-train.csv", tmp_path / "Hourly-test.csv"
     write_m4(train, {u: v[:-48] for u, v in full.items()})
