@@ -138,7 +138,7 @@ def test_signal_to_sweep_parent_stops_workers_and_writes_the_table(sig, tmp_path
 def test_signal_to_forecast_leaves_whole_files(sig, tmp_path, finished_run):
     run_dir = _copy_run(finished_run, tmp_path / "runs")
     before = snapshot(tmp_path)
-    p = _start("forecast", "--run", run_dir, "--data", "synthetic:sine:400", "--horizon", "3000", "--origin", "start")
+    p = _start("forecast", "--run", run_dir, "--data", "synthetic:sine:3000", "--origin", "start")
     _, err, _ = _signal_at_random_point(p, sig, 0.0, 3.0)
     assert p.returncode in (0, 128 + sig, -sig), err
     assert "Traceback" not in err, err
