@@ -9,10 +9,11 @@ import torch
 import vqext
 from vqext import registry
 from vqext.errors import ConfigError, PluginError
+from vqext.models.base import next_value
 
 from _dists import activate, forget_modules, pythonpath_env, write_dist
 
-BUILTIN_ARCHS = ["mhvqlnmlp", "vqformer", "vqlnmlp"]
+BUILTIN_ARCHS = ["mhvqlnmlp", "vqformer", "vqlnmlp", "vqpatch"]
 BUILTIN_PES = ["none", "randn", "rope", "sinpe"]
 
 
@@ -169,9 +170,10 @@ def test_broken_plugin_is_listed_with_its_error_and_the_rest_works(tmp_path, mon
         vqext.create_model("broken")
     # Everything else still works.
     for arch in BUILTIN_ARCHS:
-        y = vqext.create_model(arch, "rope", d_model=8, heads=2, vocab_size=4, time_steps=6) \
-            if arch != "vqlnmlp" else vqext.create_model(arch, "rope", d_model=8, vocab_size=4, time_steps=6)
-        assert y(torch.randn(1, 6, 1)).shape == (1, 6, 1)
+        extra = dict(heads=2) if arch != "vqlnmlp" else {}
+        extra.update(direct_horizon=3, patch_len=2) if arch == "vqpatch" else None
+        model = vqext.create_model(arch, "rope", d_model=8, vocab_size=4, time_steps=6, **extra)
+        assert next_value(model, torch.randn(1, 6, 1)).shape == (1, 1, 1)
 
     env = pythonpath_env(broken)
     data = json.loads(subprocess.run([sys.executable, "-m", "vqext", "list", "--json"], capture_output=True,

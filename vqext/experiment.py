@@ -22,6 +22,7 @@ from .errors import DataError
 from .forecast_files import write_forecast_files, write_future_files
 from .forecasting import Fitted, as_panel, forecast, series_uid
 from .io import atomic_write_json
+from .models.base import next_value
 from .train import build_model, train, window_start_pos, windows_for
 
 
@@ -81,7 +82,7 @@ def check_positions(cfg: C.RunConfig, ds) -> None:
     last = torch.argmax(starts).reshape(1)
     with torch.no_grad():
         model.eval()
-        model(ds.x[last], start_pos=window_start_pos(cfg, starts[last]))
+        next_value(model, ds.x[last], start_pos=window_start_pos(cfg, starts[last]))
 
 
 def remove_unstarted_run(run_dir: str) -> None:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .data import Normalizer
+from .models.base import next_value
 
 def model_device(model) -> torch.device:
     """Where the model's tensors live (the CPU for a model without any, e.g. a naive baseline)."""
@@ -55,8 +56,8 @@ def _translation_invariant(model, time_steps: int) -> bool:
     g = torch.Generator().manual_seed(0)
     device = model_device(model)
     x = torch.randn(1, time_steps, 1, generator=g).to(device)
-    a = model(x, start_pos=0)[0, -1]
-    b = model(x, start_pos=time_steps + 7)[0, -1]
+    a = next_value(model, x, start_pos=0)[0, -1]
+    b = next_value(model, x, start_pos=time_steps + 7)[0, -1]
     return bool(torch.allclose(a, b, rtol=1e-5, atol=1e-5 * float(a.abs().max().clamp(min=1e-6))))
 
 
@@ -104,7 +105,7 @@ def one_step(model, values: np.ndarray, time_steps: int, positions: str = "windo
     for b in range(0, windows.shape[0], batch_size):
         x = windows[b:b + batch_size].unsqueeze(-1).to(device)
         idx = torch.arange(b, b + x.shape[0], device=device)
-        out.append(model(x, start_pos=_start(positions, idx))[:, -1, 0].float().cpu())
+        out.append(next_value(model, x, start_pos=_start(positions, idx))[:, -1, 0].float().cpu())
     return torch.cat(out).numpy().astype(np.float64)
 
 
@@ -133,7 +134,7 @@ def regressive(model, values: np.ndarray, time_steps: int, horizon: int | None =
     for s in range(horizon):
         x = window[s:s + T].view(1, T, 1)
         start = _start(positions, torch.tensor([s], device=device))
-        preds[s] = model(x, start_pos=start)[0, -1, 0]
+        preds[s] = next_value(model, x, start_pos=start)[0, -1, 0]
         window[T + s] = preds[s]
     return preds.cpu().numpy().astype(np.float64)
 
@@ -213,7 +214,7 @@ def codebook_usage(model, x: torch.Tensor, start_pos=0) -> list[np.ndarray]:
             hooks.append(mod.register_forward_pre_hook(hook))
     try:
         model.eval()
-        model(x, start_pos=start_pos)
+        next_value(model, x, start_pos=start_pos)
     finally:
         for h in hooks:
             h.remove()

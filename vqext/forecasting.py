@@ -31,6 +31,7 @@ import torch
 
 from .data import Normalizer
 from .errors import ConfigError, DataError
+from .models.base import next_value
 
 ORIGINS = ("end", "start")
 METHODS = ("direct", "rollout")
@@ -112,7 +113,11 @@ def direct_hparams(arch: str, horizon: int, direct: bool | None) -> dict:
     """
     from .registry import get_arch
 
-    supported = bool(getattr(get_arch(arch), "supports_direct", False))
+    cls = get_arch(arch)
+    supported = bool(getattr(cls, "supports_direct", False))
+    if not getattr(cls, "one_step", True):
+        if direct is False:
+            raise ConfigError(f"architecture {arch!r} forecasts directly and has no one-step outputs; drop --rollout")
     if direct and not supported:
         raise ConfigError(f"architecture {arch!r} has no direct multi-step head (see `vqext list`); use --rollout")
     if direct and not horizon:
@@ -311,7 +316,7 @@ def roll(model, contexts: np.ndarray, horizon: int, *, positions: str = "window"
                     k = min(chunk, horizon - done)
                     where = 0 if positions == "window" else pos + done
                     step = (model.forecast_direct(window, k, start_pos=where) if method == "direct"
-                            else model(window, start_pos=where)[:, -1:])
+                            else next_value(model, window, start_pos=where))
                     parts.append(step.float())
                     window = torch.cat((window, step.to(window.dtype)), 1)[:, -T:]
                     done += k

@@ -57,6 +57,11 @@ def training_loss(model, x: torch.Tensor, y: torch.Tensor, start_pos, cfg, aux_s
     ``aux_source`` is the module that carries ``aux_loss`` (the unwrapped model), default ``model``.
     ``direct_target`` ``(B, H, 1)``: the values after each window, for the model's direct head.
     """
+    if not getattr(model if aux_source is None else aux_source, "one_step", True):
+        # A direct-only model: its forecast is all there is to score.
+        loss = F.mse_loss(model(x, start_pos=start_pos, direct=True)[1].float(), direct_target)
+        aux = _aux(model if aux_source is None else aux_source)
+        return loss if aux is None else loss + aux
     if direct_target is not None:
         pred, ahead = model(x, start_pos=start_pos, direct=True)
         pred = pred.float()

@@ -83,7 +83,7 @@ def evaluate(model, ds: WindowSet, indices, cfg: C.RunConfig, device, batch_size
         x, y, ahead = ds.gather(sel)
         x, y = x.to(device), y.to(device)
         start = window_start_pos(cfg, ds.local_start(sel).to(device))
-        if ds.val_last_only and ahead is not None:
+        if ahead is not None and (ds.val_last_only or not getattr(model, "one_step", True)):
             pred, y = model(x, start_pos=start, direct=True)[1], ahead.to(device)
         elif ds.val_last_only:
             pred, y = model(x, start_pos=start)[:, -1:], y[:, -1:]

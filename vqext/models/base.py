@@ -30,6 +30,8 @@ class ForecastModel(nn.Module):
     supports_cache: ClassVar[bool] = False
     #: Whether the architecture can carry a direct multi-step head (``forecast_direct``).
     supports_direct: ClassVar[bool] = False
+    #: Whether ``forward`` predicts every next step of the window (False: a direct-only model).
+    one_step: ClassVar[bool] = True
     #: Hyper-parameter defaults (the CLI and ``create_model`` fill in from these).
     defaults: ClassVar[dict[str, Any]] = {}
 
@@ -53,3 +55,13 @@ class ForecastModel(nn.Module):
 
     def forecast_direct(self, x: torch.Tensor, horizon: int, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no direct multi-step head")
+
+
+def next_value(model, x: torch.Tensor, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
+    """The prediction of the value after each window ``x`` ``(B, T, 1)``: ``(B, 1, 1)``.
+
+    The last one-step output, or the first step of the direct forecast of a direct-only model.
+    """
+    if getattr(model, "one_step", True):
+        return model(x, start_pos=start_pos)[:, -1:]
+    return model.forecast_direct(x, 1, start_pos=start_pos)

@@ -1,0 +1,170 @@
+"""VQPatch: patches of the window through a learned codebook, read out by a direct head (``vqpatch``).
+
+The window is cut into patches of ``patch_len`` steps (a season is a natural length: 24 for hourly
+data); each patch is one token. The model is a forecaster of the next ``direct_horizon`` values
+only: it has no per-step outputs, so it forecasts further than its horizon by feeding its own
+direct forecasts back (``roll`` in :mod:`vqext.forecasting`)::
+
+    z      = (x - mean(x)) / std(x)                       # per window (instance_norm)
+    tokens = Linear(patch_len -> d_model)(patches of z)   # left-padded with z's first value
+    tokens = depth x VQFormerBlock(tokens)                # causal attention over patches, then
+                                                          # codebook attention: each patch token is
+                                                          # read through the learned codebook
+    ahead  = Linear(P * d_model -> H)(LayerNorm(tokens))  # every token feeds the head
+             + Linear(T -> H)(z)                          # linear_path
+    y      = mean(x) + std(x) * ahead
+
+Why these parts (docs/results.md has the measurements): a forecast of many series at once needs
+windows on one scale, so each window is standardised by its own statistics and the forecast is
+mapped back with them; patch tokens let attention compare days rather than hours; the linear path
+carries the part of the forecast that is a fixed weighting of the window (seasonal repetition),
+so the tokens only learn what differs from it.
+
+Positions: tokens sit at patch positions ``start_pos // patch_len + p``; ``rope`` rotates queries
+and keys in every attention layer, an ``add`` encoding is added to the tokens.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from ._common import Quantize, check_common, check_input, check_pe_width, head_size
+from .base import ForecastModel
+from .vqformer import VQFormerBlock
+
+#: Variance floor of the window standardisation (squared units of the series' scaling): a flat
+#: window is not blown up into noise.
+INSTANCE_EPS = 1e-4
+
+
+class _NoCodebook(nn.Module):
+    def forward(self, h: torch.Tensor):
+        return torch.zeros_like(h), h.new_zeros(())
+
+
+class VQPatch(ForecastModel):
+    accepted_pes = ("*",)
+    supports_cache = False
+    supports_direct = True
+    one_step = False
+    defaults = dict(time_steps=168, patch_len=24, vocab_size=64, d_model=64, heads=4, kv_heads=None, depth=2,
+                    quantizer="soft", freeze_codebook=False, codebook_scale=None, commitment_weight=0.25,
+                    codebook_projections=True, codebook=True, instance_norm=True, linear_path=True, direct_horizon=24)
+    arch_name = "vqpatch"
+    recommended_pe: ClassVar[str] = "rope"
+    recommended_training: ClassVar[dict] = dict(
+        epochs=10, lr=1e-3, batch_size=256, lr_schedule="cosine", warmup=0.05, grad_clip=1.0,
+        input_noise=0.0, last_weight=0.0, last_k=16, pushforward=0)
+
+    @classmethod
+    def validate(cls, pe: str, **hparams) -> None:
+        from ..registry import get_pe
+
+        hp = {**cls.defaults, **hparams}
+        check_common(cls.arch_name, hp)
+        for name in ("codebook_projections", "codebook", "instance_norm", "linear_path"):
+            if not isinstance(hp[name], bool):
+                raise ConfigError(f"{cls.arch_name}: {name} must be true or false, got {hp[name]!r}")
+        p = hp["patch_len"]
+        if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+            raise ConfigError(f"{cls.arch_name}: patch_len must be a positive integer, got {p!r}")
+        direct = hp["direct_horizon"]
+        if isinstance(direct, bool) or not isinstance(direct, int) or direct < 1:
+            raise ConfigError(f"{cls.arch_name} forecasts a horizon directly and has no one-step outputs: "
+                              f"direct_horizon must be a positive integer, got {direct!r}")
+        hd = head_size(cls.arch_name, hp["d_model"], hp["heads"])
+        pe_cls = get_pe(pe)
+        patches = -(-hp["time_steps"] // p)
+        if pe_cls.mode == "rotate":
+            check_pe_width(cls.arch_name, pe, pe_cls, hd, patches,
+                           f"d_model {hp['d_model']} / heads {hp['heads']} gives head size {hd}")
+        elif pe_cls.mode == "add":
+            check_pe_width(cls.arch_name, pe, pe_cls, hp["d_model"], patches,
+                           f"it is added to the patch tokens of width d_model {hp['d_model']}")
+        elif pe_cls.mode != "identity":
+            raise ConfigError(f"{cls.arch_name}: encoding {pe!r} has mode {pe_cls.mode!r}; vqpatch accepts "
+                              f"encodings of mode 'add', 'rotate' or 'identity'")
+
+    def __init__(self, pe: str = "none", **hparams):
+        super().__init__()
+        from ..registry import get_pe
+
+        unknown = set(hparams) - set(self.defaults)
+        if unknown:
+            raise TypeError(f"VQPatch got unknown hyper-parameters {sorted(unknown)}")
+        hp = {**self.defaults, **hparams}
+        self.validate(pe, **hp)
+        self.hparams = hp
+        self.pe_name = pe
+        T, p, d, heads, H = hp["time_steps"], hp["patch_len"], hp["d_model"], hp["heads"], hp["direct_horizon"]
+        self.patch_len = p
+        self.patches = -(-T // p)
+        pe_cls = get_pe(pe)
+        self.embed = nn.Linear(p, d)
+        self.token_pe = pe_cls(d, self.patches) if pe_cls.mode == "add" else None
+        scale = hp["codebook_scale"] if hp["codebook_scale"] is not None else (d // heads) ** -0.5
+        self.blocks = nn.ModuleList(
+            VQFormerBlock(d, heads, hp["kv_heads"], pe_cls.mode == "rotate", float(getattr(pe_cls, "base", 10000.0)),
+                          Quantize(hp["quantizer"], hp["vocab_size"], d, heads, scale,
+                                   hp["freeze_codebook"], hp["commitment_weight"]),
+                          projections=hp["codebook_projections"])
+            for _ in range(hp["depth"]))
+        if not hp["codebook"]:  # the ablation: attention alone, the codebook sub-layer removed
+            for block in self.blocks:
+                block.quantize = _NoCodebook()
+        self.norm_out = nn.LayerNorm(d)
+        self.head = nn.Linear(self.patches * d, H)
+        self.linear_path = nn.Linear(T, H) if hp["linear_path"] else None
+        self.instance_norm = hp["instance_norm"]
+        self.aux_loss = torch.zeros(())
+
+    @property
+    def direct_horizon(self) -> int:
+        return self.head.out_features
+
+    def _standardise(self, v: torch.Tensor):
+        if not self.instance_norm:
+            return v, v.new_zeros(v.shape[0], 1), v.new_ones(v.shape[0], 1)
+        loc = v.mean(1, keepdim=True)
+        scale = (v.var(1, keepdim=True, unbiased=False) + INSTANCE_EPS).sqrt()
+        return (v - loc) / scale, loc, scale
+
+    def _tokens(self, z: torch.Tensor) -> torch.Tensor:
+        pad = self.patches * self.patch_len - z.shape[1]
+        if pad:  # a window that is not whole patches starts with copies of its first value
+            z = F.pad(z.unsqueeze(1), (pad, 0), mode="replicate").squeeze(1)
+        return self.embed(z.view(z.shape[0], self.patches, self.patch_len))
+
+    def _token_start(self, start_pos):
+        return start_pos // self.patch_len
+
+    def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor = 0, direct: bool = False):
+        """``(None, forecast (B, direct_horizon, 1))``: the pair a direct head gives, without per-step outputs."""
+        check_input(self, x)
+        if x.shape[1] != self.hparams["time_steps"]:
+            raise ValueError(f"VQPatch: x must have time_steps = {self.hparams['time_steps']} steps, got {x.shape[1]}")
+        if not direct:
+            raise ValueError("VQPatch has no one-step outputs; call forward(x, direct=True) or forecast_direct")
+        z, loc, scale = self._standardise(x[..., 0])
+        h = self._tokens(z)
+        pos = self._token_start(start_pos)
+        if self.token_pe is not None:
+            h = self.token_pe(h, pos)
+        aux = h.new_zeros(())
+        for layer, block in enumerate(self.blocks):
+            h, block_aux = block(h, pos, None, layer)
+            aux = aux + block_aux
+        self.aux_loss = aux
+        ahead = self.head(self.norm_out(h).flatten(1))
+        if self.linear_path is not None:
+            ahead = ahead + self.linear_path(z)
+        return None, (loc + scale * ahead).unsqueeze(-1)
+
+    def forecast_direct(self, x: torch.Tensor, horizon: int, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
+        if not 1 <= horizon <= self.direct_horizon:
+            raise ValueError(f"horizon must be within 1..{self.direct_horizon} (the direct head's), got {horizon}")
+        return self.forward(x, start_pos, direct=True)[1][:, :horizon]
