@@ -39,6 +39,7 @@ from vqext.errors import VqextError  # noqa: E402
 FREQUENCIES = {"Hourly": (48, 24), "Daily": (14, 1), "Weekly": (13, 1), "Monthly": (18, 12),
                "Quarterly": (8, 4), "Yearly": (6, 1)}
 MODEL = "vqext"
+ENSEMBLE = "vqext[median of seeds]"
 KEYS = ("smape", "mase", "owa", "seconds", "cpu_seconds")
 
 
@@ -104,7 +105,7 @@ def summarise(result: B.BacktestResult) -> dict:
     summary = result.summary().set_index("model")
     models = {m: {"smape": float(r.smape), "mase": float(r.mase), "owa": float(r.owa), "seconds": float(r.seconds),
                   "cpu_seconds": float(r.cpu_seconds)} for m, r in summary.iterrows()}
-    seeded = [m for m in models if m.startswith(MODEL + "[")]
+    seeded = [m for m in models if m.startswith(MODEL + "[seed")]
     if seeded:  # several seeds: "vqext" is their median, each seed is kept too
         models = {MODEL: {k: statistics.median(models[m][k] for m in seeded) for k in KEYS}, **models}
     return models
@@ -160,6 +161,9 @@ def main(argv=None) -> int:
         raise SystemExit("bench_m4: nothing to run (--no-model and no baselines)")
     progress = None if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
     result = B.run_backtest(frame, forecasters, horizon=horizon, windows=1, season=season, progress=progress)
+    seeds = [m for m in result.models if m.startswith(MODEL + "[seed")]
+    if len(seeds) > 1:  # the seeds' forecasts combined: what an ensemble of them would score
+        result = B.combine(result, ENSEMBLE, seeds)
     models = summarise(result)
     reference = naive2_reference(result)
 

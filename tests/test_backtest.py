@@ -125,3 +125,35 @@ def test_naive_and_seasonal_naive_agree_with_statsforecast_cross_validation():
         assert len(merged) == len(ours) == len(df.unique_id.unique()) * k * h
         assert np.allclose(merged.y_hat, merged[column])
         assert np.allclose(merged.y_x, merged.y_y)
+
+
+class Constant:
+    refits = False
+
+    def __init__(self, value):
+        self.value = value
+
+    def fit(self, train):
+        pass
+
+    def predict(self, h, history=None):
+        return pd.DataFrame([(u, s, self.value) for u in history.unique_id.unique() for s in range(1, h + 1)],
+                            columns=["unique_id", "step", "y_hat"])
+
+
+def test_combining_forecasts_scores_their_pointwise_median():
+    df = panel()
+    res = B.run_backtest(df, {f"c{v}": (lambda v=v: Constant(v)) for v in (40.0, 50.0, 65.0)}, horizon=4, windows=2)
+    both = B.combine(res, "median", ["c40.0", "c50.0", "c65.0"])
+    assert both.models[-1] == "median" and res.models == ["c40.0", "c50.0", "c65.0"]  # the input is untouched
+    mine = both.forecasts[both.forecasts.model == "median"]
+    assert len(mine) == len(res.forecasts) // 3 and np.allclose(mine.y_hat, 50.0)
+    # scored exactly as the member it equals
+    ref = both.scores[both.scores.model == "c50.0"].drop(columns="model").reset_index(drop=True)
+    got = both.scores[both.scores.model == "median"].drop(columns="model").reset_index(drop=True)
+    pd.testing.assert_frame_equal(ref, got)
+    assert both.seconds["median"] == pytest.approx(sum(res.seconds.values()))
+    with pytest.raises(ValueError, match="two or more"):
+        B.combine(res, "x", ["c40.0", "nope"])
+    with pytest.raises(ValueError, match="already has"):
+        B.combine(res, "c40.0", ["c40.0", "c50.0"])

@@ -68,3 +68,18 @@ def test_model_and_baselines_on_the_same_windows(tmp_path):
     assert windows["vqext"] == windows["snaive"]
     summary = pd.read_csv(os.path.join(d, "summary.csv")).set_index("model")
     assert summary.loc["vqext", "seconds"] > 0
+
+
+def test_hyper_parameters_reach_the_model(tmp_path, monkeypatch):
+    from vqext import backtest as B
+
+    res = invoke("--data", "bundled:airline", "--horizon", "6", "--baselines", "none", "--hp", "no_such=1",
+                 "--out", str(tmp_path), "--quiet")
+    assert res.exit_code != 0 and "no_such" in res.output
+    seen = []
+    monkeypatch.setattr(B.VqextForecaster, "fit", lambda self, train: seen.append(self.cfg) or self)
+    monkeypatch.setattr(B.VqextForecaster, "predict", lambda self, h, history=None: (_ for _ in ()).throw(
+        SystemExit(0)))
+    invoke("--data", "bundled:airline", "--horizon", "6", "--baselines", "none", "--arch", "vqpatch", "-T", "24",
+           "--hp", "patch_len=6", "--hp", "codebook=false", "--out", str(tmp_path), "--quiet")
+    assert seen[0].hparams["patch_len"] == 6 and seen[0].hparams["codebook"] is False

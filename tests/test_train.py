@@ -182,12 +182,17 @@ def test_objective_terms_add_up():
     fed = torch.cat((x[:, :1], pred.detach()[:, :-1]), 1)
     pf = float(training_loss(model, x, y, 0, C.RunConfig(arch="vqformer", pushforward=1)).detach())
     assert pf == pytest.approx(base + float(torch.nn.functional.mse_loss(model(fed), y).detach()), rel=1e-6)
+    mae = float(training_loss(model, x, y, 0, C.RunConfig(arch="vqformer", loss="mae", last_weight=1.0,
+                                                          last_k=3)).detach())
+    l1 = torch.nn.functional.l1_loss
+    assert mae == pytest.approx(float(l1(pred, y) + l1(pred[:, -3:], y[:, -3:])), rel=1e-6)
 
 
 @pytest.mark.parametrize("field, value, message", [
     ("lr_schedule", "linear", "--lr-schedule must be one of constant, cosine"),
     ("warmup", 1.0, "--warmup is a fraction"), ("input_noise", -0.1, "--input-noise must be >= 0"),
-    ("last_k", 0, "--last-k must be at least 1"), ("pushforward", -1, "--pushforward must be >= 0")])
+    ("last_k", 0, "--last-k must be at least 1"), ("pushforward", -1, "--pushforward must be >= 0"),
+    ("loss", "huber", "--loss must be one of mse, mae")])
 def test_bad_training_settings_are_named(field, value, message):
     from vqext.errors import ConfigError
 

@@ -14,6 +14,7 @@ history to ``predict``. Statistical baselines (``refits = True``) estimate their
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -184,6 +185,27 @@ def run_backtest(frame: pd.DataFrame, forecasters: dict[str, Factory], *, horizo
     scores = _score(forecasts, series, season)
     return BacktestResult(horizon, windows, step, season, refit, forecasts, scores, seconds, cpu_seconds, refits,
                           series, list(forecasters))
+
+
+def combine(result: BacktestResult, name: str, members: list[str]) -> BacktestResult:
+    """``result`` with one more model, ``name``: the point-wise median of ``members``' forecasts
+    (an ensemble of seeds, say), scored on the same windows. Its seconds are the members' sum."""
+    missing = [m for m in members if m not in result.models]
+    if missing or len(members) < 2:
+        raise ValueError(f"combine: needs two or more of the result's models, got {members} (unknown: {missing})")
+    if name in result.models:
+        raise ValueError(f"combine: the result already has a model named {name!r}")
+    keys = ["unique_id", "window", "origin", "step", "y"]
+    part = result.forecasts[result.forecasts.model.isin(members)]
+    combined = part.groupby(keys, sort=False, as_index=False).y_hat.median()
+    combined.insert(len(keys), "model", name)
+    forecasts = pd.concat([result.forecasts, combined[result.forecasts.columns]], ignore_index=True)
+    scores = pd.concat([result.scores, _score(combined, result.series, result.season)], ignore_index=True)
+    total = {key: sum(getattr(result, key)[m] for m in members) for key in ("seconds", "cpu_seconds")}
+    return dataclasses.replace(
+        result, forecasts=forecasts, scores=scores, seconds={**result.seconds, name: total["seconds"]},
+        cpu_seconds={**result.cpu_seconds, name: total["cpu_seconds"]},
+        refits={**result.refits, name: any(result.refits[m] for m in members)}, models=[*result.models, name])
 
 
 def _score(forecasts: pd.DataFrame, series: dict[str, np.ndarray], season: int) -> pd.DataFrame:

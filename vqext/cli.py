@@ -252,6 +252,8 @@ def _common_training_options(sweep: bool):
             click.option("--last-k", type=int, default=None, help="steps that --last-weight covers (16)."),
             click.option("--pushforward", type=int, default=None,
                          help="extra passes on the model's own detached predictions (0: off)."),
+            click.option("--loss", type=click.Choice(["mse", "mae"]), default=None,
+                         help="the error the training loss measures (default: recommendation, else mse)."),
             click.option("--horizon", type=int, default=0,
                          help="the forecast horizon H the run is for: the default --val-size, and a direct "
                               "H-step head where the architecture has one (0: none)."),
@@ -747,9 +749,7 @@ def model_forecaster(arch, pe, seed, freeze_codebook, quiet, kw):
         from .registry import get_arch
 
         pe = getattr(get_arch(arch), "recommended_pe", None) or "none"
-    user = {k: kw[k] for k in _HPARAM_OPTIONS if kw.get(k) is not None}
-    if freeze_codebook is not None:
-        user["freeze_codebook"] = freeze_codebook
+    user = _user_hparams(kw, kw.get("hp") or (), freeze_codebook)
     cfg = _make_config(arch, pe, user, kw, seed)
     from .backtest import VqextForecaster
 

@@ -53,6 +53,7 @@ class RunConfig:
     last_weight: float = 0.0       # loss += last_weight x MSE over the last ``last_k`` steps
     last_k: int = 16
     pushforward: int = 0           # extra passes on the model's own (detached) one-step predictions
+    loss: str = "mse"              # the error every loss term measures: "mse" or "mae"
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -86,6 +87,8 @@ class RunConfig:
                 raise ConfigError(f"{flag} must be >= 0, got {value}")
         if self.last_k < 1:
             raise ConfigError(f"--last-k must be at least 1, got {self.last_k}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.pushforward < 0:
             raise ConfigError(f"--pushforward must be >= 0, got {self.pushforward}")
 
@@ -196,10 +199,11 @@ def _type_name(hint) -> str:
 
 
 LR_SCHEDULES = ("constant", "cosine")
+LOSSES = ("mse", "mae")
 #: Training settings the user may leave to the architecture (``recommended_training``), with
 #: vqext's generic defaults (the log's training).
 TRAINING_DEFAULTS = dict(epochs=50, lr=0.007, batch_size=32, lr_schedule="constant", warmup=0.0, grad_clip=0.0,
-                         input_noise=0.0, last_weight=0.0, last_k=16, pushforward=0)
+                         input_noise=0.0, last_weight=0.0, last_k=16, pushforward=0, loss="mse")
 
 
 def resolve_training(arch: str, **given) -> dict:
@@ -234,6 +238,8 @@ def training_tags(cfg: "RunConfig") -> list[str]:
         tags.append(f"last{cfg.last_weight:g}x{cfg.last_k}")
     if cfg.pushforward:
         tags.append(f"pf{cfg.pushforward}")
+    if cfg.loss != "mse":
+        tags.append(cfg.loss)
     if cfg.horizon:
         tags.append(f"h{cfg.horizon}")
     if cfg.windows_per_epoch:

@@ -14,6 +14,8 @@ All of it is configured by :class:`~vqext.config.RunConfig` fields (CLI flags of
 * ``direct_target``: for a model with a direct multi-step head (trained when the run has a
   horizon), the MSE of its ``H`` direct predictions against the ``H`` values after the window is
   added, computed in the same forward pass as the one-step outputs.
+* ``loss``: every term above measures the mean squared error (``mse``) or the mean absolute
+  error (``mae``, closer to the scale-free MASE and sMAPE that forecasts are judged by).
 * ``lr_schedule``: ``constant``, or ``cosine`` decay to 0 after a linear warmup over ``warmup``
   x all steps.
 """
@@ -44,6 +46,10 @@ def input_noise(shape, std: float, generator: torch.Generator) -> torch.Tensor |
     return std * torch.randn(shape, generator=generator)
 
 
+def _error(cfg):
+    return F.l1_loss if getattr(cfg, "loss", "mse") == "mae" else F.mse_loss
+
+
 def _aux(model) -> torch.Tensor | None:
     aux = getattr(model, "aux_loss", None)  # hard VQ: codebook + commitment loss of the last forward
     return aux if isinstance(aux, torch.Tensor) and aux.requires_grad else None
@@ -57,26 +63,27 @@ def training_loss(model, x: torch.Tensor, y: torch.Tensor, start_pos, cfg, aux_s
     ``aux_source`` is the module that carries ``aux_loss`` (the unwrapped model), default ``model``.
     ``direct_target`` ``(B, H, 1)``: the values after each window, for the model's direct head.
     """
+    error = _error(cfg)
     if not getattr(model if aux_source is None else aux_source, "one_step", True):
         # A direct-only model: its forecast is all there is to score.
-        loss = F.mse_loss(model(x, start_pos=start_pos, direct=True)[1].float(), direct_target)
+        loss = error(model(x, start_pos=start_pos, direct=True)[1].float(), direct_target)
         aux = _aux(model if aux_source is None else aux_source)
         return loss if aux is None else loss + aux
     if direct_target is not None:
         pred, ahead = model(x, start_pos=start_pos, direct=True)
         pred = pred.float()
-        loss = F.mse_loss(pred, y) + F.mse_loss(ahead.float(), direct_target)
+        loss = error(pred, y) + error(ahead.float(), direct_target)
     else:
         pred = model(x, start_pos=start_pos).float()
-        loss = F.mse_loss(pred, y)
+        loss = error(pred, y)
     aux = _aux(model if aux_source is None else aux_source)
     if aux is not None:
         loss = loss + aux
     if cfg.last_weight:
         k = min(cfg.last_k, y.shape[1])
-        loss = loss + cfg.last_weight * F.mse_loss(pred[:, -k:], y[:, -k:])
+        loss = loss + cfg.last_weight * error(pred[:, -k:], y[:, -k:])
     for _ in range(cfg.pushforward):
         fed = torch.cat((x[:, :1], pred.detach()[:, :-1].to(x.dtype)), 1)
         pred = model(fed, start_pos=start_pos).float()
-        loss = loss + F.mse_loss(pred, y)
+        loss = loss + error(pred, y)
     return loss
