@@ -40,7 +40,7 @@ def test_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match=r"within 1..6"):
         m.forecast_direct(torch.randn(1, 20, 1), 7)
     for bad, message in [(dict(direct_horizon=0), "direct_horizon must be a positive integer"),
-                         (dict(patch_len=0), "patch_len must be a positive integer"),
+                         (dict(patch_len=0), "patch_len must be None \\(automatic\\) or a positive integer"),
                          (dict(instance_norm="yes"), "instance_norm must be true or false"),
                          (dict(d_model=18, heads=4), "not divisible by heads")]:
         with pytest.raises(ConfigError, match=message):
@@ -107,3 +107,9 @@ def test_cli_trains_it_and_refuses_a_rollout(tmp_path):
                "--data", "synthetic:sine:120", "--out", tmp_path, "--quiet")
     assert r.exit_code == 0, r.output
     assert isinstance(vqext.create_model("vqpatch", "rope", direct_horizon=24), VQPatch)
+
+
+@pytest.mark.parametrize("time_steps, expected", [(168, 24), (96, 24), (95, 23), (36, 9), (25, 6), (3, 1)])
+def test_automatic_patches_give_short_windows_several_tokens(time_steps, expected):
+    m = vqext.create_model("vqpatch", "none", time_steps=time_steps, patch_len=None, d_model=16, heads=2)
+    assert m.patch_len == expected and m.patches == -(-time_steps // expected)

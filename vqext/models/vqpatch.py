@@ -1,7 +1,8 @@
 """VQPatch: patches of the window through a learned codebook, read out by a direct head (``vqpatch``).
 
 The window is cut into patches of ``patch_len`` steps (a season is a natural length: 24 for hourly
-data); each patch is one token. The model is a forecaster of the next ``direct_horizon`` values
+data; the default is 24 for windows of at least 96 steps, else a quarter of the window); each patch
+is one token. The model is a forecaster of the next ``direct_horizon`` values
 only: it has no per-step outputs, so it forecasts further than its horizon by feeding its own
 direct forecasts back (``roll`` in :mod:`vqext.forecasting`)::
 
@@ -41,6 +42,12 @@ from .vqformer import VQFormerBlock
 INSTANCE_EPS = 1e-4
 
 
+def auto_patch_len(time_steps: int, patch_len: int | None) -> int:
+    """``patch_len``, or when None a day of hourly data (24) where the window holds four, else a
+    quarter of the window: short series still get several tokens."""
+    return patch_len if patch_len is not None else min(24, max(1, time_steps // 4))
+
+
 class _NoCodebook(nn.Module):
     def forward(self, h: torch.Tensor):
         return torch.zeros_like(h), h.new_zeros(())
@@ -51,7 +58,7 @@ class VQPatch(ForecastModel):
     supports_cache = False
     supports_direct = True
     one_step = False
-    defaults = dict(time_steps=168, patch_len=24, vocab_size=64, d_model=64, heads=4, kv_heads=None, depth=2,
+    defaults = dict(time_steps=168, patch_len=None, vocab_size=64, d_model=64, heads=4, kv_heads=None, depth=2,
                     quantizer="soft", freeze_codebook=False, codebook_scale=None, commitment_weight=0.25,
                     codebook_projections=True, codebook=True, instance_norm=True, linear_path=True, direct_horizon=24)
     arch_name = "vqpatch"
@@ -70,8 +77,9 @@ class VQPatch(ForecastModel):
             if not isinstance(hp[name], bool):
                 raise ConfigError(f"{cls.arch_name}: {name} must be true or false, got {hp[name]!r}")
         p = hp["patch_len"]
-        if isinstance(p, bool) or not isinstance(p, int) or p < 1:
-            raise ConfigError(f"{cls.arch_name}: patch_len must be a positive integer, got {p!r}")
+        if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
+            raise ConfigError(f"{cls.arch_name}: patch_len must be None (automatic) or a positive integer, got {p!r}")
+        p = auto_patch_len(hp["time_steps"], p)
         direct = hp["direct_horizon"]
         if isinstance(direct, bool) or not isinstance(direct, int) or direct < 1:
             raise ConfigError(f"{cls.arch_name} forecasts a horizon directly and has no one-step outputs: "
@@ -100,7 +108,8 @@ class VQPatch(ForecastModel):
         self.validate(pe, **hp)
         self.hparams = hp
         self.pe_name = pe
-        T, p, d, heads, H = hp["time_steps"], hp["patch_len"], hp["d_model"], hp["heads"], hp["direct_horizon"]
+        T, d, heads, H = hp["time_steps"], hp["d_model"], hp["heads"], hp["direct_horizon"]
+        p = auto_patch_len(T, hp["patch_len"])
         self.patch_len = p
         self.patches = -(-T // p)
         pe_cls = get_pe(pe)
