@@ -83,3 +83,30 @@ def test_hyper_parameters_reach_the_model(tmp_path, monkeypatch):
     invoke("--data", "bundled:airline", "--horizon", "6", "--baselines", "none", "--arch", "vqpatch", "-T", "24",
            "--hp", "patch_len=6", "--hp", "codebook=false", "--out", str(tmp_path), "--quiet")
     assert seen[0].hparams["patch_len"] == 6 and seen[0].hparams["codebook"] is False
+
+
+def test_a_pretrained_run_forecasts_unseen_series_without_training(tmp_path, monkeypatch):
+    from vqext import backtest as B
+    from vqext import forecasting as F
+
+    runs = tmp_path / "runs"
+    r = CliRunner().invoke(main, ["run", "--data", "synthetic:sine:300", "--arch", "vqpatch", "-T", "24",
+                                  "--horizon", "6", "--hp", "d_model=16", "--epochs", "1", "--out", str(runs),
+                                  "--quiet"])
+    assert r.exit_code == 0, r.output
+    run_dir = only_dir(runs)
+    fits = []
+    monkeypatch.setattr(F, "fit", lambda *a, **k: fits.append(a))
+    res = invoke("--data", "bundled:airline", "--horizon", "24", "-m", "12", "--baselines", "naive",
+                 "--pretrained", run_dir, "--out", str(tmp_path / "bt"), "--quiet")
+    assert res.exit_code == 0, res.output
+    assert not fits and "zero-shot" in res.output
+    forecasts = pd.read_csv(os.path.join(only_dir(tmp_path / "bt"), "forecasts.csv"))
+    assert len(forecasts[forecasts.model == "vqext"]) == 24  # 24 steps rolled from a 6-step head
+    # the run's saved statistics (of a sine around 0) are never used for another series
+    assert B.PretrainedForecaster.normalize == "series"
+    assert forecasts[forecasts.model == "vqext"].y_hat.mean() > 200
+    res = invoke("--data", "bundled:airline", "--horizon", "24", "--pretrained", run_dir, "--arch", "vqformer")
+    assert res.exit_code != 0 and "--arch describe a model to train" in res.output
+    res = invoke("--data", "bundled:airline", "--horizon", "24", "--pretrained", str(tmp_path))
+    assert res.exit_code != 0 and "Traceback" not in res.output

@@ -258,8 +258,30 @@ class VqextForecaster:
     def predict(self, h: int, history=None):
         import vqext
 
-        out = vqext.forecast(self.fitted, self._panel(history, "backtest-history"), h)
+        out = vqext.forecast(self.fitted, self._panel(history, "backtest-history"), h, normalize=self.normalize)
         return out[["unique_id", "step", "y_hat"]]
+
+    #: Scaling of each series at prediction: None = the statistics saved when it was trained.
+    normalize = None
+
+
+class PretrainedForecaster(VqextForecaster):
+    """A finished run's model applied without training on the backtest's data (zero-shot).
+
+    Each series is scaled with its own history before the origin, never with statistics the run
+    saved (a series of the same id in the run's training data may reach past the origin).
+    """
+
+    normalize = "series"
+
+    def __init__(self, run_dir: str):
+        from .forecasting import load
+
+        super().__init__(None)
+        self.fitted = load(run_dir)
+
+    def fit(self, train):
+        return self
 
 
 def load_frame(spec: str | None, column, **data_options):

@@ -779,8 +779,11 @@ def _horizon_option(f):
                    "AutoTheta, AutoARIMA with vqext[baselines], and plugins').")
 @click.option("--model/--no-model", "with_model", default=True, show_default=True,
               help="include the vqext model (--no-model: baselines only).")
+@click.option("--pretrained", "pretrained", default=None, type=click.Path(exists=True, file_okay=False),
+              help="a finished run directory: its model forecasts every window without training on this data "
+                   "(zero-shot); each series is scaled with its own history.")
 def backtest(arch, pe, seed, freeze_codebook, quiet, out, cache, windows, step, season, refit,
-             baselines_spec, with_model, **kw):
+             baselines_spec, with_model, pretrained, **kw):
     """Rolling-origin evaluation of a vqext model against the baselines, on the same windows.
 
     Window k of K forecasts the H points after origin n - H - (K-1-k)*S of each series (the last
@@ -793,6 +796,7 @@ def backtest(arch, pe, seed, freeze_codebook, quiet, out, cache, windows, step, 
       vqext backtest --data bundled:airline --horizon 12 --windows 3 --season 12
       vqext backtest --data bundled:airline --horizon 12 -K 4 -S 6 -m 12 --refit --epochs 20
       vqext backtest --data bundled:nile --horizon 10 -K 3 --no-model --baselines naive,AutoTheta
+      vqext backtest --data bundled:airline --horizon 24 -m 12 --pretrained runs/m4/RUN
     """
     from . import backtest as B
     from . import backtest_report as R
@@ -809,7 +813,15 @@ def backtest(arch, pe, seed, freeze_codebook, quiet, out, cache, windows, step, 
     m = season or 1
     forecasters = {}
     label = None
-    if with_model:
+    if with_model and pretrained:
+        given = [flag for flag, value in (("--arch", arch), ("--pe", pe), ("--refit", refit or None)) if value]
+        if given:
+            raise click.BadParameter(f"{', '.join(given)} describe a model to train; --pretrained uses a trained one",
+                                     param_hint="--pretrained")
+        model = B.PretrainedForecaster(pretrained)  # loaded once: a bad run directory fails here
+        forecasters[MODEL_NAME] = lambda: model
+        label = f"{MODEL_NAME} = {model.fitted.cfg.arch}/{model.fitted.cfg.pe} from {pretrained}, zero-shot"
+    elif with_model:
         factory, label = model_forecaster(arch, pe, seed, freeze_codebook, quiet, kw)
         forecasters[MODEL_NAME] = factory
     for b in names:
