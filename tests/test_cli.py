@@ -174,3 +174,15 @@ def test_sweep_schedules_the_longest_runs_first():
 
     assert estimated_cost(cfg(heads=8)) > estimated_cost(cfg(heads=2)) > estimated_cost(cfg(heads=1))
     assert estimated_cost(cfg(heads=1, depth=2)) > estimated_cost(cfg(heads=1))
+
+
+def test_run_with_a_horizon_and_no_arch_trains_the_recommended_forecaster(tmp_path):
+    from vqext.models.vqpatch import VQPatch
+
+    r = invoke("run", "--hp", "d_model=8", "--hp", "heads=2", "--horizon", "4", "-T", "16", "--epochs", "1",
+               "--windows-per-epoch", "64", "--data", "synthetic:sine:200", "--out", str(tmp_path), "--quiet")
+    assert r.exit_code == 0, r.output
+    (run_dir,) = glob.glob(str(tmp_path / "*" / "*"))
+    cfg = json.load(open(os.path.join(run_dir, "config.json")))
+    assert (cfg["arch"], cfg["pe"], cfg["hparams"]["direct_horizon"]) == ("vqpatch", "rope", 4)
+    assert cfg["loss"] == VQPatch.recommended_training["loss"] == "mae" and cfg["windows_per_epoch"] == 64

@@ -227,3 +227,19 @@ def test_model_without_parameters_is_evaluated_only(tmp_path):
     ds = res.dataset
     expected = float(((ds.x[ds.val_idx] - ds.y[ds.val_idx]) ** 2).mean())
     assert res.history[-1]["val_loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_an_epoch_of_more_windows_than_there_are_repeats_them_reshuffled():
+    from vqext.train import draw_windows
+
+    idx = torch.arange(10, 20)
+    g = torch.Generator().manual_seed(0)
+    few = draw_windows(idx, 4, g)
+    assert len(few) == 4 and len(set(few.tolist())) == 4
+    many = draw_windows(idx, 25, torch.Generator().manual_seed(0))
+    assert len(many) == 25
+    assert sorted(many[:10].tolist()) == sorted(many[10:20].tolist()) == list(range(10, 20))
+    assert set(many[20:].tolist()) <= set(range(10, 20)) and many[:10].tolist() != many[10:20].tolist()
+    # a prefix of one shuffle, as before, when the epoch is no longer than the windows
+    assert torch.equal(draw_windows(idx, 10, torch.Generator().manual_seed(3)),
+                       idx[torch.randperm(10, generator=torch.Generator().manual_seed(3))])

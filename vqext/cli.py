@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from .registry import DEFAULT_ARCH, DEFAULT_FORECAST_ARCH, default_arch
 from .errors import VqextError
 
 
@@ -269,7 +270,9 @@ def _common_training_options(sweep: bool):
                          help="scale each series with its training part's statistics (train; default for "
                               "--split tail) or all of its points (series; the log's protocol)."),
             click.option("--windows-per-epoch", type=int, default=None,
-                         help="windows drawn (afresh) per epoch, bounding epochs over large sets (default: all)."),
+                         help="windows drawn (afresh) per epoch: fewer than there are bounds an epoch over large "
+                              "sets, more repeats them reshuffled (default: the architecture's recommendation, "
+                              "else all)."),
             click.option("--split", type=click.Choice(["random", "chronological", "tail"]), default=None,
                          help="train/validation split: of the windows (random: seeded 80/20 like the log; "
                               "chronological: the last windows) or of each series (tail: its last --val-size "
@@ -291,7 +294,8 @@ def _common_training_options(sweep: bool):
                      click.option("--freeze-codebook", default=None, help="comma-separated true/false.")]
         else:
             opts += [click.option("--arch", default=None,
-                                  help=f"architecture (see `vqext list`; default: the recommended {DEFAULT_ARCH})."),
+                                  help=f"architecture (see `vqext list`; default: {DEFAULT_FORECAST_ARCH} for a --horizon "
+                                       f"and backtests, else the log protocol's {DEFAULT_ARCH})."),
                      click.option("--pe", default=None,
                                   help="positional encoding (default: the architecture's recommended one, else none)."),
                      click.option("--seed", type=int, default=0, show_default=True),
@@ -389,7 +393,6 @@ def _typed_hparams(arch: str, given: dict) -> dict:
     return out
 
 
-DEFAULT_ARCH = "vqformer"  # `vqext run` without --arch: the recommended configuration (docs/results.md)
 
 
 def _make_config(arch, pe, user_hparams, kw, seed):
@@ -412,7 +415,7 @@ def _make_config(arch, pe, user_hparams, kw, seed):
                     column=kw["column"], time_steps=time_steps, seed=seed, split=split,
                     split_seed=kw["split_seed"], positions=kw["positions"], device=kw["device"],
                     val_fraction=kw["val_fraction"], val_size=kw["val_size"], normalize=kw["normalize"],
-                    horizon=horizon, windows_per_epoch=kw["windows_per_epoch"], data_options=_data_kwargs(kw),
+                    horizon=horizon, data_options=_data_kwargs(kw),
                     **training)
     cfg.validate()
     return cfg
@@ -445,8 +448,9 @@ def run(arch, pe, seed, freeze_codebook, resume_dir, quiet, out, cache, hp, **kw
     Writes one run directory OUT/<settings>/<timestamp>/ with config.json, metrics.jsonl,
     metrics.json, checkpoint.pt, forecast.csv and plots (PNG).
 
-    Without --arch (and hyper-parameters) it trains the recommended configuration: vqformer with
-    rope and its recommended training (docs/results.md). Training settings not given come from the
+    Without --arch it trains the recommended configuration (docs/results.md): with --horizon the
+    forecaster vqpatch, else the log protocol's vqformer, each with rope and its recommended
+    training. Training settings not given come from the
     architecture's recommendation, else vqext's defaults (the log's training).
 
     \b
@@ -466,7 +470,7 @@ def run(arch, pe, seed, freeze_codebook, resume_dir, quiet, out, cache, hp, **kw
             return
     else:
         if not arch:
-            arch = DEFAULT_ARCH
+            arch = default_arch(kw.get("horizon"))
         if pe is None:
             from .registry import get_arch
 
@@ -744,7 +748,7 @@ MODEL_NAME = "vqext"
 
 def model_forecaster(arch, pe, seed, freeze_codebook, quiet, kw):
     """A factory of the vqext forecaster that the run options describe, and a label for it."""
-    arch = arch or DEFAULT_ARCH
+    arch = arch or DEFAULT_FORECAST_ARCH
     if pe is None:
         from .registry import get_arch
 

@@ -41,7 +41,7 @@ class RunConfig:
     val_size: int | None = None  # split "tail": validation points per series (None: horizon, else val_fraction)
     normalize: str | None = None  # "train": each series' training part; "series": all of it (None: by split)
     horizon: int = 0             # the forecast horizon the run is for (0: not set)
-    windows_per_epoch: int | None = None  # windows drawn per epoch (None: all of them)
+    windows_per_epoch: int | None = None  # windows drawn per epoch (None: all; more: they repeat)
     positions: str = "window"   # "window": each window starts at position 0 (the log); "series"
     device: str = "auto"
     # Training objective and schedule (vqext/objectives.py). These defaults are the log's plain
@@ -203,7 +203,8 @@ LOSSES = ("mse", "mae")
 #: Training settings the user may leave to the architecture (``recommended_training``), with
 #: vqext's generic defaults (the log's training).
 TRAINING_DEFAULTS = dict(epochs=50, lr=0.007, batch_size=32, lr_schedule="constant", warmup=0.0, grad_clip=0.0,
-                         input_noise=0.0, last_weight=0.0, last_k=16, pushforward=0, loss="mse")
+                         input_noise=0.0, last_weight=0.0, last_k=16, pushforward=0, loss="mse",
+                         windows_per_epoch=None)
 
 
 def resolve_training(arch: str, **given) -> dict:

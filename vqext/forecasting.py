@@ -140,7 +140,10 @@ def make_config(data=None, *, arch: str | None = None, pe: str | None = None, ho
     from .data import default_time_steps
     from .registry import get_arch, resolve_hparams
 
-    arch = arch or "vqformer"
+    if arch is None:
+        from .registry import default_arch
+
+        arch = default_arch(horizon)
     pe = pe or getattr(get_arch(arch), "recommended_pe", None) or "none"
     names = {f.name for f in fields(RunConfig)}
     unknown = set(settings) - names

@@ -172,6 +172,17 @@ def _lookup(kind: str, name: str) -> Entry:
     return entries[name]
 
 
+#: ``vqext run`` without ``--arch`` or ``--horizon``: the log protocol's recommended model.
+DEFAULT_ARCH = "vqformer"
+#: With a horizon (``--horizon``, backtests, ``bench_m4``): the recommended forecaster (docs/results.md).
+DEFAULT_FORECAST_ARCH = "vqpatch"
+
+
+def default_arch(horizon=None) -> str:
+    """The recommended forecaster for a run with a horizon, the log's recommended model without one."""
+    return DEFAULT_FORECAST_ARCH if horizon else DEFAULT_ARCH
+
+
 def get_arch(name: str):
     """The ``ForecastModel`` subclass registered as ``name`` (ConfigError/PluginError otherwise)."""
     return _lookup("arch", name).load()

@@ -2,7 +2,8 @@
 
 Windows come from every series of the data (:mod:`vqext.windows`). An epoch is one pass over the
 shuffled training windows or, with ``windows_per_epoch``, that many of them drawn afresh each
-epoch (without replacement), which bounds an epoch over large sets such as M4.
+epoch: fewer bounds an epoch over large sets such as M4, more repeats them (reshuffled), so that
+a recipe is the same number of optimizer steps on a short series as on a large panel.
 
 A run directory holds ``config.json`` (the resolved :class:`~vqext.config.RunConfig`),
 ``scalers.csv`` (each series' scaling statistics: what forecasts of it use), ``metrics.jsonl``
@@ -141,9 +142,15 @@ def _initial_state(cfg: C.RunConfig, run_dir: str | None, ds: WindowSet, resume:
 
 
 def epoch_windows(cfg: C.RunConfig, ds: WindowSet) -> int:
-    """Training windows per epoch: all of them, or ``windows_per_epoch`` when that is fewer."""
-    n = len(ds.train_idx)
-    return min(n, cfg.windows_per_epoch) if cfg.windows_per_epoch else n
+    """Training windows per epoch: all of them, or ``windows_per_epoch``."""
+    return cfg.windows_per_epoch or len(ds.train_idx)
+
+
+def draw_windows(train_idx: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` training windows in random order: a prefix of one shuffle, or several shuffles in a
+    row when ``count`` is more than there are (so an epoch is the same work on any data size)."""
+    rounds = -(-count // len(train_idx))
+    return torch.cat([train_idx[torch.randperm(len(train_idx), generator=generator)] for _ in range(rounds)])[:count]
 
 
 def _train_epoch(st: _State, cfg: C.RunConfig, ds: WindowSet, epoch: int, device, dist) -> tuple[float, int]:
@@ -153,7 +160,7 @@ def _train_epoch(st: _State, cfg: C.RunConfig, ds: WindowSet, epoch: int, device
     steps_per_epoch = math.ceil(per_epoch / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     st.model.train()
-    order = train_idx[torch.randperm(len(train_idx), generator=st.shuffle)][:per_epoch]
+    order = draw_windows(train_idx, per_epoch, st.shuffle)
     loss_sum, seen = 0.0, 0
     for b in range(0, len(order), cfg.batch_size):
         batch = order[b:b + cfg.batch_size]

@@ -13,6 +13,7 @@ direct forecasts back (``roll`` in :mod:`vqext.forecasting`)::
                                                           # read through the learned codebook
     ahead  = Linear(P * d_model -> H)(LayerNorm(tokens))  # every token feeds the head
              + Linear(T -> H)(z)                          # linear_path
+             (+ z[-1] with anchor = "last")
     y      = mean(x) + std(x) * ahead
 
 Why these parts (docs/results.md has the measurements): a forecast of many series at once needs
@@ -40,6 +41,9 @@ from .vqformer import VQFormerBlock
 #: Variance floor of the window standardisation (squared units of the series' scaling): a flat
 #: window is not blown up into noise.
 INSTANCE_EPS = 1e-4
+#: What the forecast is built on: the window's mean (the network's zero is the mean), or its last
+#: value (zero-initialised heads: an untrained model is the naive forecast).
+ANCHORS = ("mean", "last")
 
 
 def auto_patch_len(time_steps: int, patch_len: int | None) -> int:
@@ -60,12 +64,13 @@ class VQPatch(ForecastModel):
     one_step = False
     defaults = dict(time_steps=168, patch_len=None, vocab_size=64, d_model=64, heads=4, kv_heads=None, depth=2,
                     quantizer="soft", freeze_codebook=False, codebook_scale=None, commitment_weight=0.25,
-                    codebook_projections=True, codebook=True, instance_norm=True, linear_path=True, direct_horizon=24)
+                    codebook_projections=True, codebook=True, instance_norm=True, linear_path=True, anchor="last",
+                    direct_horizon=24)
     arch_name = "vqpatch"
     recommended_pe: ClassVar[str] = "rope"
     recommended_training: ClassVar[dict] = dict(
-        epochs=10, lr=1e-3, batch_size=256, lr_schedule="cosine", warmup=0.05, grad_clip=1.0,
-        input_noise=0.0, last_weight=0.0, last_k=16, pushforward=0)
+        epochs=8, windows_per_epoch=40000, lr=1e-3, batch_size=256, lr_schedule="cosine", warmup=0.05,
+        grad_clip=1.0, input_noise=0.0, last_weight=0.0, last_k=16, pushforward=0, loss="mae")
 
     @classmethod
     def validate(cls, pe: str, **hparams) -> None:
@@ -76,6 +81,8 @@ class VQPatch(ForecastModel):
         for name in ("codebook_projections", "codebook", "instance_norm", "linear_path"):
             if not isinstance(hp[name], bool):
                 raise ConfigError(f"{cls.arch_name}: {name} must be true or false, got {hp[name]!r}")
+        if hp["anchor"] not in ANCHORS:
+            raise ConfigError(f"{cls.arch_name}: anchor must be one of {', '.join(ANCHORS)}, got {hp['anchor']!r}")
         p = hp["patch_len"]
         if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
             raise ConfigError(f"{cls.arch_name}: patch_len must be None (automatic) or a positive integer, got {p!r}")
@@ -129,6 +136,12 @@ class VQPatch(ForecastModel):
         self.head = nn.Linear(self.patches * d, H)
         self.linear_path = nn.Linear(T, H) if hp["linear_path"] else None
         self.instance_norm = hp["instance_norm"]
+        self.anchor = hp["anchor"]
+        if self.anchor == "last":  # training starts from the naive forecast
+            for layer in (self.head, self.linear_path):
+                if layer is not None:
+                    nn.init.zeros_(layer.weight)
+                    nn.init.zeros_(layer.bias)
         self.aux_loss = torch.zeros(())
 
     @property
@@ -171,6 +184,8 @@ class VQPatch(ForecastModel):
         ahead = self.head(self.norm_out(h).flatten(1))
         if self.linear_path is not None:
             ahead = ahead + self.linear_path(z)
+        if self.anchor == "last":
+            ahead = ahead + z[:, -1:]
         return None, (loc + scale * ahead).unsqueeze(-1)
 
     def forecast_direct(self, x: torch.Tensor, horizon: int, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
