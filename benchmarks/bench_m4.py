@@ -5,7 +5,10 @@ forecast from the points before it; the only split to tune on. With ``--test``: 
 series is forecast and scored against the official test file (the same M4 format, one row per
 series with exactly one horizon of values).
 
-All models forecast the same series from the same origins in the same run; sMAPE (M4, percent),
+vqext's model is the recommended forecaster unless ``--model-args`` says otherwise; with several
+``--seeds`` the row ``vqext`` is the median of the seeds' scores and ``vqext[median of seeds]``
+scores the point-wise median of their forecasts (an ensemble). All models forecast the same series
+from the same origins in the same run; sMAPE (M4, percent),
 MASE (in-sample seasonal-naive scale) and OWA (relative to M4's Naive2) aggregate over series as
 M4 does. Wall and CPU seconds are per model (fit + forecast, this process; statsforecast's
 one-off compilation is done before the clock starts).

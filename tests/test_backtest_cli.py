@@ -59,7 +59,8 @@ def test_model_and_baselines_on_the_same_windows(tmp_path):
     pytest.importorskip("statsforecast")
     out = tmp_path / "runs"
     res = invoke("--data", "bundled:airline", "--horizon", "12", "-K", "2", "-m", "12", "--baselines", "snaive",
-                 "--epochs", "1", "-T", "24", "--d-model", "8", "--vocab-size", "8", "--out", str(out), "--quiet")
+                 "--epochs", "1", "--windows-per-epoch", "64", "-T", "24", "--d-model", "8", "--vocab-size", "8",
+                 "--out", str(out), "--quiet")
     assert res.exit_code == 0, res.output
     assert "trained once before the first origin: vqext" in res.output
     d = only_dir(out)

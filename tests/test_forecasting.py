@@ -176,7 +176,7 @@ def test_fit_draws_windows_from_every_series_and_bounds_epochs(tmp_path, monkeyp
 
 def test_saved_scalers_are_the_training_parts_and_round_trip(tmp_path):
     data = three_series()
-    cfg = make_config(data, time_steps=8, horizon=5, hparams=TINY, epochs=1, device="cpu")
+    cfg = make_config(data, time_steps=8, horizon=5, hparams=TINY, epochs=1, windows_per_epoch=64, device="cpu")
     f = fit(cfg, data, str(tmp_path))
     for s in data:
         assert f.scalers[s.uid].mean == pytest.approx(s.values[:-5].mean())
@@ -195,7 +195,8 @@ def test_saved_scalers_are_the_training_parts_and_round_trip(tmp_path):
 
 def test_fit_without_a_run_directory_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = make_config("synthetic:sine:80", time_steps=8, horizon=3, hparams=TINY, epochs=1, device="cpu")
+    cfg = make_config("synthetic:sine:80", time_steps=8, horizon=3, hparams=TINY, epochs=1, windows_per_epoch=64,
+                      device="cpu")
     f = fit(cfg, "synthetic:sine:80")
     assert os.listdir(tmp_path) == [] and f.run_dir is None
     assert len(f.forecast("synthetic:sine:80", 3)) == 3

@@ -12,7 +12,8 @@ from vqext.models.vqpatch import VQPatch
 
 from _runs import invoke
 
-SMALL = dict(time_steps=20, patch_len=5, d_model=16, heads=2, vocab_size=8, depth=1, direct_horizon=6)
+# anchor "mean" starts from random heads, so that untrained models differ from one another
+SMALL = dict(time_steps=20, patch_len=5, d_model=16, heads=2, vocab_size=8, depth=1, direct_horizon=6, anchor="mean")
 
 
 def model(pe="rope", **kw):
@@ -59,6 +60,14 @@ def test_instance_normalisation_makes_forecasts_follow_shifts_and_scales():
                               atol=1e-3)
 
 
+def test_anchored_on_the_last_value_an_untrained_model_is_the_naive_forecast():
+    m = model(anchor="last")
+    x = torch.randn(3, 20, 1) * 4 + 9
+    torch.testing.assert_close(m.forecast_direct(x, 6), x[:, -1:].expand(3, 6, 1))
+    with pytest.raises(ConfigError, match="anchor must be one of mean, last"):
+        model(anchor="first")
+
+
 def test_a_flat_window_forecasts_its_level_without_blowing_up():
     m = model(linear_path=False)
     x = torch.full((2, 20, 1), 5.0)
@@ -88,7 +97,7 @@ def test_training_scores_the_direct_head_and_is_deterministic():
     data = _panel()
     hp = {k: v for k, v in SMALL.items() if k not in ("time_steps", "direct_horizon")}
     cfg = make_config(data, arch="vqpatch", time_steps=20, horizon=6, hparams=hp, epochs=4, lr=3e-3,
-                      batch_size=16, device="cpu")
+                      batch_size=16, windows_per_epoch=400, device="cpu")
     a, b = fit(cfg, data), fit(cfg, data)
     losses = [r["train_loss"] for r in a.history]
     assert losses[-1] < 0.5 * losses[0]
@@ -104,7 +113,7 @@ def test_cli_trains_it_and_refuses_a_rollout(tmp_path):
                "--horizon", "6", "--rollout", "--data", "synthetic:sine:120", "--out", tmp_path, "--quiet")
     assert r.exit_code != 0 and "no one-step outputs; drop --rollout" in r.output
     r = invoke("run", "--arch", "vqpatch", "-T", "24", "--hp", "patch_len=6", "--hp", "d_model=16", "--epochs", "1",
-               "--data", "synthetic:sine:120", "--out", tmp_path, "--quiet")
+               "--windows-per-epoch", "64", "--data", "synthetic:sine:120", "--out", tmp_path, "--quiet")
     assert r.exit_code == 0, r.output
     assert isinstance(vqext.create_model("vqpatch", "rope", direct_horizon=24), VQPatch)
 

@@ -59,6 +59,34 @@ def check_pe_width(arch: str, pe: str, pe_cls, width: int, time_steps: int, what
         raise ConfigError(f"{arch}: {pe} needs {problem}: {what}; change d_model or heads so that it does")
 
 
+def check_attention_pe(arch: str, pe: str, hp: dict, positions: int, added_to: str) -> None:
+    """Whether encoding ``pe`` fits an attention model of ``hp``'s d_model and heads over
+    ``positions`` positions: rotated per head (``rotate``) or added to ``added_to`` (``add``)."""
+    from ..registry import get_pe
+
+    hd = head_size(arch, hp["d_model"], hp["heads"])
+    pe_cls = get_pe(pe)
+    if pe_cls.mode == "rotate":
+        check_pe_width(arch, pe, pe_cls, hd, positions, f"d_model {hp['d_model']} / heads {hp['heads']} gives "
+                                                        f"head size {hd}")
+    elif pe_cls.mode == "add":
+        check_pe_width(arch, pe, pe_cls, hp["d_model"], positions,
+                       f"it is added to {added_to} of width d_model {hp['d_model']}")
+    elif pe_cls.mode != "identity":
+        raise ConfigError(f"{arch}: encoding {pe!r} has mode {pe_cls.mode!r}; {arch} accepts encodings of mode "
+                          f"'add', 'rotate' or 'identity'")
+
+
+def init_hparams(model_cls, pe: str, hparams: dict) -> dict:
+    """A model's hyper-parameters for ``__init__``: its defaults with ``hparams``, validated."""
+    unknown = set(hparams) - set(model_cls.defaults)
+    if unknown:
+        raise TypeError(f"{model_cls.__name__} got unknown hyper-parameters {sorted(unknown)}")
+    hp = {**model_cls.defaults, **hparams}
+    model_cls.validate(pe, **hp)
+    return hp
+
+
 def check_input(model: nn.Module, x: torch.Tensor, name: str = "x") -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != 1:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__

@@ -38,7 +38,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..nn.attention import CausalSelfAttention
 from ..nn.kv_cache import KVCache, SlidingBuffer
-from ._common import Quantize, check_common, check_input, check_pe_width, head_size
+from ._common import Quantize, check_attention_pe, check_common, check_input, init_hparams
 from .base import ForecastModel
 from .vqformer_decode import NativeStep, native_step
 
@@ -118,8 +118,6 @@ class VQFormer(ForecastModel):
 
     @classmethod
     def validate(cls, pe: str, **hparams) -> None:
-        from ..registry import get_pe
-
         hp = {**cls.defaults, **hparams}
         check_common(cls.arch_name, hp)
         for name in ("codebook_projections", "residual"):
@@ -133,27 +131,13 @@ class VQFormer(ForecastModel):
         if isinstance(direct, bool) or not isinstance(direct, int) or direct < 0:
             raise ConfigError(f"{cls.arch_name}: direct_horizon must be 0 (no direct head) or a positive integer, "
                               f"got {direct!r}")
-        hd = head_size(cls.arch_name, hp["d_model"], hp["heads"])
-        pe_cls = get_pe(pe)
-        if pe_cls.mode == "rotate":
-            check_pe_width(cls.arch_name, pe, pe_cls, hd, hp["time_steps"],
-                           f"d_model {hp['d_model']} / heads {hp['heads']} gives head size {hd}")
-        elif pe_cls.mode == "add":
-            check_pe_width(cls.arch_name, pe, pe_cls, hp["d_model"], hp["time_steps"],
-                           f"it is added to the input of width d_model {hp['d_model']}")
-        elif pe_cls.mode != "identity":
-            raise ConfigError(f"{cls.arch_name}: encoding {pe!r} has mode {pe_cls.mode!r}; vqformer accepts "
-                              f"encodings of mode 'add', 'rotate' or 'identity'")
+        check_attention_pe(cls.arch_name, pe, hp, hp["time_steps"], "the input")
 
     def __init__(self, pe: str = "none", **hparams):
         super().__init__()
         from ..registry import get_pe
 
-        unknown = set(hparams) - set(self.defaults)
-        if unknown:
-            raise TypeError(f"VQFormer got unknown hyper-parameters {sorted(unknown)}")
-        hp = {**self.defaults, **hparams}
-        self.validate(pe, **hp)
+        hp = init_hparams(type(self), pe, hparams)
         self.hparams = hp
         self.pe_name = pe
         d, heads = hp["d_model"], hp["heads"]

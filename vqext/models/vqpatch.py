@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ._common import Quantize, check_common, check_input, check_pe_width, head_size
+from ._common import Quantize, check_attention_pe, check_common, check_input, init_hparams
 from .base import ForecastModel
 from .vqformer import VQFormerBlock
 
@@ -74,8 +74,6 @@ class VQPatch(ForecastModel):
 
     @classmethod
     def validate(cls, pe: str, **hparams) -> None:
-        from ..registry import get_pe
-
         hp = {**cls.defaults, **hparams}
         check_common(cls.arch_name, hp)
         for name in ("codebook_projections", "codebook", "instance_norm", "linear_path"):
@@ -91,28 +89,13 @@ class VQPatch(ForecastModel):
         if isinstance(direct, bool) or not isinstance(direct, int) or direct < 1:
             raise ConfigError(f"{cls.arch_name} forecasts a horizon directly and has no one-step outputs: "
                               f"direct_horizon must be a positive integer, got {direct!r}")
-        hd = head_size(cls.arch_name, hp["d_model"], hp["heads"])
-        pe_cls = get_pe(pe)
-        patches = -(-hp["time_steps"] // p)
-        if pe_cls.mode == "rotate":
-            check_pe_width(cls.arch_name, pe, pe_cls, hd, patches,
-                           f"d_model {hp['d_model']} / heads {hp['heads']} gives head size {hd}")
-        elif pe_cls.mode == "add":
-            check_pe_width(cls.arch_name, pe, pe_cls, hp["d_model"], patches,
-                           f"it is added to the patch tokens of width d_model {hp['d_model']}")
-        elif pe_cls.mode != "identity":
-            raise ConfigError(f"{cls.arch_name}: encoding {pe!r} has mode {pe_cls.mode!r}; vqpatch accepts "
-                              f"encodings of mode 'add', 'rotate' or 'identity'")
+        check_attention_pe(cls.arch_name, pe, hp, -(-hp["time_steps"] // p), "the patch tokens")
 
     def __init__(self, pe: str = "none", **hparams):
         super().__init__()
         from ..registry import get_pe
 
-        unknown = set(hparams) - set(self.defaults)
-        if unknown:
-            raise TypeError(f"VQPatch got unknown hyper-parameters {sorted(unknown)}")
-        hp = {**self.defaults, **hparams}
-        self.validate(pe, **hp)
+        hp = init_hparams(type(self), pe, hparams)
         self.hparams = hp
         self.pe_name = pe
         T, d, heads, H = hp["time_steps"], hp["d_model"], hp["heads"], hp["direct_horizon"]
