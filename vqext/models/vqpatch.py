@@ -62,7 +62,7 @@ class VQPatch(ForecastModel):
     supports_cache = False
     supports_direct = True
     one_step = False
-    defaults = dict(time_steps=168, patch_len=None, vocab_size=64, d_model=64, heads=4, kv_heads=None, depth=2,
+    defaults = dict(time_steps=96, patch_len=None, vocab_size=64, d_model=64, heads=4, kv_heads=None, depth=2,
                     quantizer="soft", freeze_codebook=False, codebook_scale=None, commitment_weight=0.25,
                     codebook_projections=True, codebook=True, instance_norm=True, linear_path=True, anchor="last",
                     direct_horizon=24)
