@@ -311,9 +311,7 @@ def _read_frame(src: str | bytes, source: str, sep: str, header: bool, width: in
     opts = dict(sep=sep, header=0 if header else None, keep_default_na=False, na_values=[""])
     buf = (lambda: io.BytesIO(src)) if isinstance(src, bytes) else (lambda: src)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            df = pd.read_csv(buf(), engine="pyarrow", dtype_backend="pyarrow", encoding="utf-8", **opts)
+        df = _read_arrow(buf(), sep, header)
     except (UnicodeDecodeError, pd.errors.ParserError, ValueError, OSError) as exc:
         if isinstance(exc, OSError) and not isinstance(exc, UnicodeError) and "CSV" not in str(exc):
             raise DataError(f"cannot read {source}: {getattr(exc, 'strerror', None) or exc}") from None
@@ -324,6 +322,23 @@ def _read_frame(src: str | bytes, source: str, sep: str, header: bool, width: in
         raise DataError(f"{source}: only a header row, no data" if header else f"{source}: the file is empty")
     df.columns = range(df.shape[1])
     return df
+
+
+#: Bytes of CSV text pyarrow parses at a time: the peak memory of a read is a few blocks above the
+#: table (pandas' pyarrow engine reads the whole file in parallel, about 2.5x its size at the peak).
+ARROW_BLOCK_BYTES = 8 << 20
+
+
+def _read_arrow(src, sep: str, header: bool) -> pd.DataFrame:
+    """Typed, arrow-backed columns, streamed block by block. Column types are inferred from the
+    first block; a later cell that does not fit raises, and the caller reads the file as text."""
+    import pyarrow.csv as pacsv
+
+    reader = pacsv.open_csv(
+        src, read_options=pacsv.ReadOptions(block_size=ARROW_BLOCK_BYTES, autogenerate_column_names=not header),
+        parse_options=pacsv.ParseOptions(delimiter=sep),
+        convert_options=pacsv.ConvertOptions(null_values=[""], strings_can_be_null=True))
+    return reader.read_all().to_pandas(types_mapper=pd.ArrowDtype)
 
 
 def _read_text_frame(buf, source: str, opts: dict, width: int) -> pd.DataFrame:
@@ -449,6 +464,19 @@ def _is_text_column(col: pd.Series) -> bool:
 def _arrow(col: pd.Series):
     """The pyarrow ChunkedArray behind an arrow-backed column, else None."""
     return col.array.__arrow_array__() if isinstance(col.dtype, pd.ArrowDtype) else None
+
+
+def _factorize(col: pd.Series) -> tuple[np.ndarray, list[str]]:
+    """(a code per row, the ids in order of first appearance). An arrow column is encoded by
+    arrow: pandas would first turn every cell into a Python string, several times the file's size
+    for millions of rows."""
+    arrow = _arrow(col)
+    if arrow is not None:
+        encoded = arrow.combine_chunks().dictionary_encode()
+        return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64), \
+            [str(u) for u in encoded.dictionary.to_pylist()]
+    codes, uniques = pd.factorize(col, sort=False)
+    return np.asarray(codes), [str(u) for u in uniques]
 
 
 def _time_values(col: pd.Series) -> np.ndarray:
@@ -646,8 +674,7 @@ def _long_panel(frame, cols, where, id_col, time_col, value_col, fill, source, n
     if ids.isna().any():
         r = int(np.argmax(ids.isna().to_numpy(dtype=bool)))
         raise DataError(f"{source}: {where.line(r)} has no series id in column {id_col!r}")
-    codes, uniques = pd.factorize(ids, sort=False)
-    uniques = [str(u) for u in uniques]
+    codes, uniques = _factorize(ids)
     values, gaps = _numeric(frame[jy], value_col, where)
     ds = _time_values(frame[jt]) if jt is not None else None
     sortable = ds is not None and ds.dtype != object
