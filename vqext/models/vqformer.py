@@ -180,6 +180,7 @@ class VQFormer(ForecastModel):
         h = self.encoder(x)
         if self.input_pe is not None:
             h = self.input_pe(h, start_pos)
+        # The block loop is also VQPatch.forward's; each model wraps it in its own input and output stages.
         aux = h.new_zeros(())
         for layer, block in enumerate(self.blocks):
             h, block_aux = block(h, start_pos, cache, layer)

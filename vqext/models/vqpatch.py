@@ -159,6 +159,7 @@ class VQPatch(ForecastModel):
         pos = self._token_start(start_pos)
         if self.token_pe is not None:
             h = self.token_pe(h, pos)
+        # The block loop is VQFormer._run's; each model wraps it in its own input and output stages.
         aux = h.new_zeros(())
         for layer, block in enumerate(self.blocks):
             h, block_aux = block(h, pos, None, layer)
