@@ -227,6 +227,7 @@ def _data_kwargs(kw) -> dict:
     return {k: kw[k] for k in DATA_OPTION_NAMES if kw.get(k) is not None}
 
 
+# Over 80 lines: a flat list of option declarations, one per flag, so its length is the flag count.
 def _common_training_options(sweep: bool):
     """Options shared by run and sweep; in a sweep, hparams take comma-separated lists."""
     def deco(f):
