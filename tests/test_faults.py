@@ -134,6 +134,37 @@ def test_signal_to_sweep_parent_stops_workers_and_writes_the_table(sig, tmp_path
     assert_unchanged(before, snapshot(out))
 
 
+_WORKER_SIGTERM_IN_A_WRITE = """
+import os, signal, sys
+import vqext.io
+from vqext import config as C, sweep
+
+real_fsync = os.fsync
+def fsync(fd):  # SIGTERM arrives while the first checkpoint's temporary is open
+    if os.readlink(f"/proc/self/fd/{fd}").endswith(".tmp") and "checkpoint" in os.readlink(f"/proc/self/fd/{fd}"):
+        os.kill(os.getpid(), signal.SIGTERM)
+    real_fsync(fd)
+vqext.io.os.fsync = fsync
+sweep._worker_init(1, os.getppid())
+cfg = C.RunConfig(arch="mhvqlnmlp", pe="none", data="synthetic:sine:200", time_steps=8, epochs=2,
+                  batch_size=16, device="cpu", hparams={"vocab_size": 8, "d_model": 8})
+sweep._run_point_in_worker(cfg.to_dict(), sys.argv[1], False)
+print("the worker went on after SIGTERM")
+"""
+
+
+def test_sweep_worker_terminated_while_writing_a_checkpoint_leaves_no_temporary(tmp_path):
+    """A sweep worker receives the parent's SIGTERM mid-write: it unwinds (temporary removed) and
+    exits 143 rather than dying with a half-written file or taking the next queued run."""
+    p = subprocess.run([sys.executable, "-c", _WORKER_SIGTERM_IN_A_WRITE, str(tmp_path)], env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 128 + signal.SIGTERM, (p.stdout, p.stderr)
+    assert "went on" not in p.stdout and "Traceback" not in p.stderr, p.stderr
+    assert not glob.glob(str(tmp_path / "**" / "*.tmp"), recursive=True)
+    assert_files_whole(tmp_path)
+    assert run_dirs(tmp_path) == []  # no epoch finished: the run is removed, as after `vqext run`
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_to_forecast_leaves_whole_files(sig, tmp_path, finished_run):
     run_dir = _copy_run(finished_run, tmp_path / "runs")

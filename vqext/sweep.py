@@ -95,7 +95,22 @@ def _worker_init(threads: int, parent: int) -> None:
         pass
     if os.getppid() != parent:
         os._exit(1)
+    signal.signal(signal.SIGTERM, _worker_terminated)
     torch.set_num_threads(threads)
+
+
+_RUN_IN_PROGRESS = False  # set in a worker while it trains; read by its SIGTERM handler
+
+
+def _worker_terminated(signum, frame):
+    """A worker's SIGTERM: unwind the run in progress (temporary files removed, like a terminated
+    ``vqext run``), then exit. Dying mid-statement instead could leave a half-written temporary."""
+    from .errors import Terminated
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM (PR_SET_PDEATHSIG) must not cut the unwinding
+    if not _RUN_IN_PROGRESS:
+        os._exit(128 + signum)
+    raise Terminated(128 + signum)
 
 
 def _run_point(cfg_dict: dict, out_root: str, cache: bool) -> dict:
@@ -106,6 +121,20 @@ def _run_point(cfg_dict: dict, out_root: str, cache: bool) -> dict:
     except Exception as exc:  # noqa: BLE001 - one failed configuration must not end the sweep
         return {"error": f"{type(exc).__name__}: {exc}", "arch": cfg_dict["arch"], "pe": cfg_dict["pe"],
                 "seed": cfg_dict["seed"], "hparams": cfg_dict["hparams"]}
+
+
+def _run_point_in_worker(cfg_dict: dict, out_root: str, cache: bool) -> dict:
+    from .errors import Terminated
+
+    global _RUN_IN_PROGRESS
+    _RUN_IN_PROGRESS = True
+    try:
+        return _run_point(cfg_dict, out_root, cache)
+    except Terminated as stop:
+        # The pool's worker loop would report a BaseException and take the next queued run.
+        os._exit(stop.code)
+    finally:
+        _RUN_IN_PROGRESS = False
 
 
 def estimated_cost(cfg: C.RunConfig) -> float:
@@ -150,7 +179,7 @@ def _run_pool(configs, out_root, jobs, quiet, cache, echo, results) -> None:
     order = sorted(range(len(configs)), key=lambda i: -estimated_cost(configs[i]))
     pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads, os.getpid()))
     try:
-        futures = {pool.submit(_run_point, configs[i].to_dict(), out_root, cache): i for i in order}
+        futures = {pool.submit(_run_point_in_worker, configs[i].to_dict(), out_root, cache): i for i in order}
         for n, fut in enumerate(as_completed(futures), 1):
             i = futures[fut]
             results[i] = r = fut.result()
