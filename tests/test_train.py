@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 
@@ -243,3 +244,39 @@ def test_an_epoch_of_more_windows_than_there_are_repeats_them_reshuffled():
     # a prefix of one shuffle, as before, when the epoch is no longer than the windows
     assert torch.equal(draw_windows(idx, 10, torch.Generator().manual_seed(3)),
                        idx[torch.randperm(10, generator=torch.Generator().manual_seed(3))])
+
+
+def _keep_best_config(**kw):
+    # lr 0.1 over 4 epochs: validation is lowest after epoch 3, so "best" and "last" differ
+    return dataclasses.replace(tiny_config(epochs=4, keep_best=True, data="synthetic:sine:120", **kw), lr=0.1)
+
+
+def test_keep_best_ends_with_the_epoch_of_lowest_validation_loss(tmp_path):
+    from vqext.train import evaluate
+
+    cfg = _keep_best_config()
+    run_dir = str(tmp_path / "best")
+    result = train(cfg, run_dir, quiet=True)
+    losses = [r["val_loss"] for r in result.history]
+    best = min(range(len(losses)), key=losses.__getitem__)
+    assert best + 1 < len(losses), "the case no longer exercises a best epoch before the last"
+    assert result.epoch_used == best + 1
+    assert evaluate(result.model, result.dataset, result.dataset.val_idx, cfg, "cpu") == pytest.approx(losses[best])
+    # a run directory forecasts with the same weights
+    _, model, _ = load_run(run_dir)
+    for k, v in result.model.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    last = train(dataclasses.replace(cfg, keep_best=False), None, quiet=True)
+    assert last.epoch_used == len(losses)
+    assert evaluate(last.model, last.dataset, last.dataset.val_idx, cfg, "cpu") == pytest.approx(losses[-1])
+
+
+def test_keep_best_survives_a_resume(tmp_path):
+    full = train(_keep_best_config(), str(tmp_path / "full"), quiet=True)
+    part_dir = str(tmp_path / "part")
+    train(_keep_best_config(), part_dir, quiet=True, stop_after_epoch=3)
+    torch.manual_seed(12345)
+    resumed = train(_keep_best_config(), part_dir, quiet=True, resume=True)
+    assert resumed.epoch_used == full.epoch_used < 4
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k

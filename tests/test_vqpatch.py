@@ -1,4 +1,6 @@
 """VQPatch: the direct-only patch codebook model, and the paths a model without one-step outputs takes."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -122,3 +124,17 @@ def test_cli_trains_it_and_refuses_a_rollout(tmp_path):
 def test_automatic_patches_give_short_windows_several_tokens(time_steps, expected):
     m = vqext.create_model("vqpatch", "none", time_steps=time_steps, patch_len=None, d_model=16, heads=2)
     assert m.patch_len == expected and m.patches == -(-time_steps // expected)
+
+
+def test_keep_best_falls_back_to_the_naive_forecast_when_training_only_hurts_validation():
+    """On a random walk the last value is the best forecast; the untrained, naive-anchored model
+    (epoch 0) has the lowest validation loss, and keep_best forecasts with it."""
+    walk = Series(np.cumsum(np.random.default_rng(0).normal(size=200)), "walk", "test", "y")
+    hp = dict(patch_len=5, d_model=16, heads=2, vocab_size=8, depth=1)
+    cfg = make_config(walk, arch="vqpatch", time_steps=20, horizon=6, hparams=hp, epochs=3, lr=3e-3,
+                      batch_size=16, windows_per_epoch=400, device="cpu")
+    assert cfg.keep_best  # vqpatch's recommendation
+    kept = fit(cfg, walk)
+    assert kept.forecast(walk, 6).y_hat.values == pytest.approx(np.full(6, walk.values[-1]))
+    trained = fit(dataclasses.replace(cfg, keep_best=False), walk)
+    assert np.abs(trained.forecast(walk, 6).y_hat.values - walk.values[-1]).max() > 1e-3

@@ -109,6 +109,15 @@ def load_model_state(model, state: dict, path: str) -> None:
                         f"(written by another configuration?): {first}") from None
 
 
+def forecasting_weights(cfg, ckpt: dict) -> dict:
+    """The weights a run forecasts with: under ``keep_best``, once every epoch has run, those of its
+    best validation epoch; else the last epoch's (what training continues from on resume)."""
+    best = ckpt.get("best")
+    if cfg.keep_best and best is not None and int(ckpt.get("epoch", 0)) >= cfg.epochs:
+        return best["model"]
+    return ckpt["model"]
+
+
 def load_run(run_dir: str):
     """(config, model on CPU in eval mode, checkpoint) of a finished or interrupted run."""
     from .train import build_model
@@ -123,6 +132,6 @@ def load_run(run_dir: str):
     ckpt_path = os.path.join(run_dir, C.CHECKPOINT_FILE)
     ckpt = load_checkpoint(ckpt_path)
     model = build_model(cfg)
-    load_model_state(model, ckpt["model"], ckpt_path)
+    load_model_state(model, forecasting_weights(cfg, ckpt), ckpt_path)
     model.eval()
     return cfg, model, ckpt

@@ -256,6 +256,9 @@ def _common_training_options(sweep: bool):
                          help="extra passes on the model's own detached predictions (0: off)."),
             click.option("--loss", type=click.Choice(["mse", "mae"]), default=None,
                          help="the error the training loss measures (default: recommendation, else mse)."),
+            click.option("--keep-best/--keep-last", "keep_best", default=None,
+                         help="end training with the epoch (0: the untrained model) whose validation loss is "
+                              "lowest, or with the last one (default: recommendation, else last)."),
             click.option("--horizon", type=int, default=0,
                          help="the forecast horizon H the run is for: the default --val-size, and a direct "
                               "H-step head where the architecture has one (0: none)."),

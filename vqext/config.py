@@ -54,6 +54,7 @@ class RunConfig:
     last_k: int = 16
     pushforward: int = 0           # extra passes on the model's own (detached) one-step predictions
     loss: str = "mse"              # the error every loss term measures: "mse" or "mae"
+    keep_best: bool = False        # end with the epoch (0: untrained) of lowest validation loss, not the last
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -89,6 +90,8 @@ class RunConfig:
             raise ConfigError(f"--last-k must be at least 1, got {self.last_k}")
         if self.loss not in LOSSES:
             raise ConfigError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if not isinstance(self.keep_best, bool):
+            raise ConfigError(f"--keep-best is true or false, got {self.keep_best!r}")
         if self.pushforward < 0:
             raise ConfigError(f"--pushforward must be >= 0, got {self.pushforward}")
 
@@ -204,7 +207,7 @@ LOSSES = ("mse", "mae")
 #: vqext's generic defaults (the log's training).
 TRAINING_DEFAULTS = dict(epochs=50, lr=0.007, batch_size=32, lr_schedule="constant", warmup=0.0, grad_clip=0.0,
                          input_noise=0.0, last_weight=0.0, last_k=16, pushforward=0, loss="mse",
-                         windows_per_epoch=None)
+                         windows_per_epoch=None, keep_best=False)
 
 
 def resolve_training(arch: str, **given) -> dict:
@@ -241,6 +244,8 @@ def training_tags(cfg: "RunConfig") -> list[str]:
         tags.append(f"pf{cfg.pushforward}")
     if cfg.loss != "mse":
         tags.append(cfg.loss)
+    if cfg.keep_best:
+        tags.append("best")
     if cfg.horizon:
         tags.append(f"h{cfg.horizon}")
     if cfg.windows_per_epoch:

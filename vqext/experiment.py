@@ -108,6 +108,7 @@ def _run_metrics(cfg: C.RunConfig, run_dir: str, series, result, fc, usage) -> d
         "data": series.source, "column": series.column, "points": len(series), "time_steps": cfg.time_steps,
         "epochs": last["epoch"], "train_loss": last["train_loss"], "val_loss": last["val_loss"],
         "best_val_loss": min(r["val_loss"] for r in history),
+        "epoch_used": result.epoch_used,  # keep_best: the epoch whose weights forecast (0: untrained)
         "train_windows": n_train, "val_windows": len(ds.val_idx),
         "train_seconds": round(result.seconds, 3),
         "windows_per_second": n_train * result.epochs_run / result.seconds if result.seconds > 0 else None,
@@ -131,6 +132,7 @@ def _report_panel(cfg: C.RunConfig, run_dir: str, panel, result, quiet: bool) ->
         "data": panel.source, "series": len(panel), "points": int(ds.lengths.sum()), "time_steps": cfg.time_steps,
         "split": cfg.split, "epochs": last["epoch"], "train_loss": last["train_loss"], "val_loss": last["val_loss"],
         "best_val_loss": min(r["val_loss"] for r in history),
+        "epoch_used": result.epoch_used,  # keep_best: the epoch whose weights forecast (0: untrained)
         "train_windows": n_train, "val_windows": len(ds.val_idx), "windows_per_epoch": last.get("windows"),
         "train_seconds": round(result.seconds, 3),
         "windows_per_second": windows_run / result.seconds if result.seconds > 0 else None,

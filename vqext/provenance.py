@@ -67,7 +67,7 @@ def check_same_data(cfg: C.RunConfig, series, saved_normalizer: dict | None, nor
 _FIELD_OPTIONS = {"column": "--column", "time_steps": "--time-steps", "lr": "--lr", "batch_size": "--batch-size",
                   "lr_schedule": "--lr-schedule", "warmup": "--warmup", "grad_clip": "--grad-clip",
                   "input_noise": "--input-noise", "last_weight": "--last-weight", "last_k": "--last-k",
-                  "pushforward": "--pushforward", "loss": "--loss", "split": "--split", "split_seed": "--split-seed",
+                  "pushforward": "--pushforward", "loss": "--loss", "keep_best": "--keep-best", "split": "--split", "split_seed": "--split-seed",
                   "positions": "--positions", "arch": "--arch", "pe": "--pe", "seed": "--seed"}
 
 

@@ -102,6 +102,7 @@ class TrainResult:
     history: list
     seconds: float
     epochs_run: int  # epochs trained by this call (fewer than history after a resume)
+    epoch_used: int = -1  # the epoch whose weights the model holds (0: untrained; keep_best may pick any)
 
 
 @dataclass
@@ -114,6 +115,7 @@ class _State:
     shuffle: torch.Generator         # window order and input noise
     history: list
     start_epoch: int
+    best: dict | None = None         # keep_best: {"epoch", "val_loss", "model" (a state dict copy)}
 
 
 def _initial_state(cfg: C.RunConfig, run_dir: str | None, ds: WindowSet, resume: bool, device, dist) -> _State:
@@ -125,6 +127,7 @@ def _initial_state(cfg: C.RunConfig, run_dir: str | None, ds: WindowSet, resume:
     shuffle = torch.Generator().manual_seed(cfg.seed)
     history: list[dict] = []
     start_epoch = 0
+    best = None
     ckpt_path = os.path.join(run_dir, C.CHECKPOINT_FILE) if run_dir else None
     # Rank 0 reads the checkpoint and sends it to the others (no shared file system needed).
     ckpt = dist.broadcast_call(lambda: open_for_resume(run_dir, ckpt_path)) if resume and run_dir else None
@@ -135,10 +138,28 @@ def _initial_state(cfg: C.RunConfig, run_dir: str | None, ds: WindowSet, resume:
         history = [json.loads(line) for line in ckpt["history"]]
         start_epoch = int(ckpt["epoch"])
         restore_rng(ckpt["rng"], shuffle)
+        best = ckpt.get("best")
     elif dist.is_main and run_dir:
         atomic_write_json(os.path.join(run_dir, C.CONFIG_FILE), cfg.to_dict())
         atomic_write_text(os.path.join(run_dir, SCALERS_FILE), ds.scalers_table())
-    return _State(model, dist.wrap(model, device), params, optimizer, shuffle, history, start_epoch)
+    return _State(model, dist.wrap(model, device), params, optimizer, shuffle, history, start_epoch, best)
+
+
+def _note_if_best(st: _State, epoch: int, val_loss: float) -> None:
+    """keep_best: remember the model after ``epoch`` (0: before training) if its validation loss is
+    the lowest so far. Ties keep the earlier epoch, so an untrained model that is already as good
+    (a naive-anchored head) is kept."""
+    if math.isfinite(val_loss) and (st.best is None or val_loss < st.best["val_loss"]):
+        state = {k: v.detach().clone() for k, v in st.model.state_dict().items()}
+        st.best = {"epoch": epoch, "val_loss": val_loss, "model": state}
+
+
+def _restore_best(st: _State) -> int:
+    """Load the remembered best epoch into the model; the epoch it came from (-1: none kept)."""
+    if st.best is None:
+        return -1
+    st.model.load_state_dict(st.best["model"])
+    return int(st.best["epoch"])
 
 
 def epoch_windows(cfg: C.RunConfig, ds: WindowSet) -> int:
@@ -200,7 +221,7 @@ def _save_epoch(st: _State, cfg: C.RunConfig, ds: WindowSet, run_dir: str, epoch
     save_checkpoint(os.path.join(run_dir, C.CHECKPOINT_FILE), {
         "format": 1, "epoch": epoch + 1, "model": st.model.state_dict(),
         "optimizer": st.optimizer.state_dict() if st.optimizer is not None else {}, "history": lines,
-        "rng": rng_state(st.shuffle), "config": json.dumps(cfg.to_dict()),
+        "rng": rng_state(st.shuffle), "config": json.dumps(cfg.to_dict()), "best": st.best,
         "normalizer": ds.normalizer.to_dict() if ds.normalizer is not None else None,
         "scalers": scalers_to_dict(ds.scalers),
     })
@@ -228,11 +249,15 @@ def train(cfg: C.RunConfig, run_dir: str | None, *, resume: bool = False, quiet:
 
         bar = tqdm(total=cfg.epochs, initial=st.start_epoch, desc=f"{cfg.arch}/{cfg.pe}", unit="epoch",
                    dynamic_ncols=True, leave=True)
+    val_part = dist.shard(ds.val_idx)
+    if cfg.keep_best and st.start_epoch == 0 and len(ds.val_idx):
+        _note_if_best(st, 0, dist.weighted_mean(evaluate(st.model, ds, val_part, cfg, device), len(val_part)))
     try:
         for epoch in range(st.start_epoch, cfg.epochs):
             train_loss, seen = _train_epoch(st, cfg, ds, epoch, device, dist)
-            val_part = dist.shard(ds.val_idx)
             val_loss = dist.weighted_mean(evaluate(st.model, ds, val_part, cfg, device), len(val_part))
+            if cfg.keep_best:
+                _note_if_best(st, epoch + 1, val_loss)
             st.history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "windows": seen,
                                "seconds": round(time.perf_counter() - t0, 3)})
             if dist.is_main and run_dir:
@@ -245,4 +270,6 @@ def train(cfg: C.RunConfig, run_dir: str | None, *, resume: bool = False, quiet:
     finally:
         if bar is not None:
             bar.close()
-    return TrainResult(st.model, ds, st.history, time.perf_counter() - t0, len(st.history) - st.start_epoch)
+    best_epoch = _restore_best(st) if cfg.keep_best and len(st.history) == cfg.epochs else len(st.history)
+    return TrainResult(st.model, ds, st.history, time.perf_counter() - t0, len(st.history) - st.start_epoch,
+                       best_epoch if best_epoch >= 0 else len(st.history))

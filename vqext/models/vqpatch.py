@@ -70,7 +70,8 @@ class VQPatch(ForecastModel):
     recommended_pe: ClassVar[str] = "rope"
     recommended_training: ClassVar[dict] = dict(
         epochs=8, windows_per_epoch=40000, lr=1e-3, batch_size=256, lr_schedule="cosine", warmup=0.05,
-        grad_clip=1.0, input_noise=0.0, last_weight=0.0, last_k=16, pushforward=0, loss="mae")
+        grad_clip=1.0, input_noise=0.0, last_weight=0.0, last_k=16, pushforward=0, loss="mae",
+        keep_best=True)
 
     @classmethod
     def validate(cls, pe: str, **hparams) -> None:
