@@ -70,6 +70,12 @@ class Normalizer:
     def decode(self, values):
         return values * self.std + self.mean
 
+    def decode_after(self, values, last_value: float, last_encoded: float):
+        """``decode(values)``, except that a value equal to ``last_encoded`` (the last observed value
+        ``last_value`` as the model saw it) decodes to exactly ``last_value``: a model that repeats
+        its last input (the naive forecast) is then not off by the scaling's rounding."""
+        return np.where(np.asarray(values) == last_encoded, last_value, self.decode(values))
+
     def to_dict(self) -> dict:
         return {"mean": self.mean, "std": self.std}
 

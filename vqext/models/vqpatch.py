@@ -170,7 +170,8 @@ class VQPatch(ForecastModel):
         if self.linear_path is not None:
             ahead = ahead + self.linear_path(z)
         if self.anchor == "last":
-            ahead = ahead + z[:, -1:]
+            # = loc + scale * (z[:, -1:] + ahead), written so that ahead = 0 gives the last value exactly
+            return None, (x[:, -1:, 0] + scale * ahead).unsqueeze(-1)
         return None, (loc + scale * ahead).unsqueeze(-1)
 
     def forecast_direct(self, x: torch.Tensor, horizon: int, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
