@@ -66,8 +66,20 @@ def test_anchored_on_the_last_value_an_untrained_model_is_the_naive_forecast():
     m = model(anchor="last")
     x = torch.randn(3, 20, 1) * 4 + 9
     assert torch.equal(m.forecast_direct(x, 6), x[:, -1:].expand(3, 6, 1))  # exactly, not within rounding
-    with pytest.raises(ConfigError, match="anchor must be one of mean, last"):
+    with pytest.raises(ConfigError, match="anchor must be one of mean, last, season"):
         model(anchor="first")
+
+
+@pytest.mark.parametrize("season", [1, 5, 7, 20])
+def test_anchored_on_the_season_an_untrained_model_is_the_seasonal_naive_forecast(season):
+    m = model(anchor="season", season=season, direct_horizon=11)
+    x = torch.randn(3, 20, 1) * 4 + 9
+    expected = torch.stack([x[:, 20 - season + h % season] for h in range(11)], 1)
+    assert torch.equal(m.forecast_direct(x, 11), expected)
+    for bad in (0, 21, True, 2.5):
+        with pytest.raises(ConfigError, match="season"):
+            model(anchor="season", season=bad)
+    model(anchor="last", season=24)  # a season longer than the window matters only to anchor "season"
 
 
 def test_a_flat_window_forecasts_its_level_without_blowing_up():

@@ -13,8 +13,9 @@ direct forecasts back (``roll`` in :mod:`vqext.forecasting`)::
                                                           # read through the learned codebook
     ahead  = Linear(P * d_model -> H)(LayerNorm(tokens))  # every token feeds the head
              + Linear(T -> H)(z)                          # linear_path
-             (+ z[-1] with anchor = "last")
-    y      = mean(x) + std(x) * ahead
+    y      = mean(x) + std(x) * ahead                     # anchor "mean"
+             x[-1] + std(x) * ahead                       # anchor "last" (naive)
+             x[T - season + h mod season] + std(x) * ahead  # anchor "season" (seasonal naive)
 
 Why these parts (docs/results.md has the measurements): a forecast of many series at once needs
 windows on one scale, so each window is standardised by its own statistics and the forecast is
@@ -43,7 +44,7 @@ from .vqformer import VQFormerBlock
 INSTANCE_EPS = 1e-4
 #: What the forecast is built on: the window's mean (the network's zero is the mean), or its last
 #: value (zero-initialised heads: an untrained model is the naive forecast).
-ANCHORS = ("mean", "last")
+ANCHORS = ("mean", "last", "season")
 
 
 def auto_patch_len(time_steps: int, patch_len: int | None) -> int:
@@ -65,7 +66,7 @@ class VQPatch(ForecastModel):
     defaults = dict(time_steps=96, patch_len=None, vocab_size=64, d_model=64, heads=4, kv_heads=None, depth=2,
                     quantizer="soft", freeze_codebook=False, codebook_scale=None, commitment_weight=0.25,
                     codebook_projections=True, codebook=True, instance_norm=True, linear_path=True, anchor="last",
-                    direct_horizon=24)
+                    season=24, direct_horizon=24)
     arch_name = "vqpatch"
     recommended_pe: ClassVar[str] = "rope"
     recommended_training: ClassVar[dict] = dict(
@@ -82,6 +83,11 @@ class VQPatch(ForecastModel):
                 raise ConfigError(f"{cls.arch_name}: {name} must be true or false, got {hp[name]!r}")
         if hp["anchor"] not in ANCHORS:
             raise ConfigError(f"{cls.arch_name}: anchor must be one of {', '.join(ANCHORS)}, got {hp['anchor']!r}")
+        season = hp["season"]
+        if isinstance(season, bool) or not isinstance(season, int) or season < 1 or (
+                hp["anchor"] == "season" and season > hp["time_steps"]):
+            raise ConfigError(f"{cls.arch_name}: season (the period of anchor \"season\") must be an integer in "
+                              f"1..time_steps ({hp['time_steps']}), got {season!r}")
         p = hp["patch_len"]
         if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
             raise ConfigError(f"{cls.arch_name}: patch_len must be None (automatic) or a positive integer, got {p!r}")
@@ -121,7 +127,11 @@ class VQPatch(ForecastModel):
         self.linear_path = nn.Linear(T, H) if hp["linear_path"] else None
         self.instance_norm = hp["instance_norm"]
         self.anchor = hp["anchor"]
-        if self.anchor == "last":  # training starts from the naive forecast
+        # anchor "season": step h of the forecast starts from the window's value one season before it
+        season = min(hp["season"], T)  # only anchor "season" reads it, and there validate() keeps it <= T
+        lags = T - season + torch.arange(H) % season
+        self.register_buffer("season_index", lags, persistent=False)
+        if self.anchor != "mean":  # training starts from the (seasonal) naive forecast
             for layer in (self.head, self.linear_path):
                 if layer is not None:
                     nn.init.zeros_(layer.weight)
@@ -172,6 +182,8 @@ class VQPatch(ForecastModel):
         if self.anchor == "last":
             # = loc + scale * (z[:, -1:] + ahead), written so that ahead = 0 gives the last value exactly
             return None, (x[:, -1:, 0] + scale * ahead).unsqueeze(-1)
+        if self.anchor == "season":
+            return None, (x[:, self.season_index, 0] + scale * ahead).unsqueeze(-1)
         return None, (loc + scale * ahead).unsqueeze(-1)
 
     def forecast_direct(self, x: torch.Tensor, horizon: int, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
