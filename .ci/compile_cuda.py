@@ -76,6 +76,9 @@ def main(argv=None) -> int:
              f"-I{sysconfig.get_paths()['include']}"]
     flags += [f"-I{p}" for p in include_paths()]
     flags += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    # One nvcc thread per architecture: the two sm targets of a file compile side by side (the
+    # attention kernels take minutes per target).
+    flags += ["--threads", str(max(1, min(len(archs), os.cpu_count() or 1)))]
     have_generated = any(os.path.exists(os.path.join(p, GENERATED)) for p in include_paths())
     failed = 0
     with tempfile.TemporaryDirectory() as tmp:
