@@ -5,7 +5,8 @@ forecast from the points before it; the only split to tune on. With ``--test``: 
 series is forecast and scored against the official test file (the same M4 format, one row per
 series with exactly one horizon of values).
 
-vqext's model is the recommended forecaster unless ``--model-args`` says otherwise; with several
+vqext's model is the recommended forecaster with the frequency's recipe (``RECIPES``: Hourly uses
+a 168-step window and the weekly seasonal anchor) unless ``--model-args`` says otherwise; with several
 ``--seeds`` the row ``vqext`` is the median of the seeds' scores and ``vqext[median of seeds]``
 scores the point-wise median of their forecasts (an ensemble). All models forecast the same series
 from the same origins in the same run; sMAPE (M4, percent),
@@ -41,6 +42,10 @@ from vqext.errors import VqextError  # noqa: E402
 # M4's horizons and the seasons its MASE uses, by frequency.
 FREQUENCIES = {"Hourly": (48, 24), "Daily": (14, 1), "Weekly": (13, 1), "Monthly": (18, 12),
                "Quarterly": (8, 4), "Yearly": (6, 1)}
+# vqext's recipe per frequency, on top of the recommended forecaster (vqpatch), chosen on the
+# validation split (docs/results.md). Hourly: a week of context, and forecasts that start from
+# the same hours a week earlier (the seasonal naive of the weekly cycle) plus what the model learns.
+RECIPES = {"Hourly": {"time_steps": 168, "hp": {"anchor": "season", "season": 168}}}
 MODEL = "vqext"
 ENSEMBLE = "vqext[median of seeds]"
 KEYS = ("smape", "mase", "owa", "seconds", "cpu_seconds")
@@ -88,6 +93,26 @@ def with_test(train: pd.DataFrame, test: pd.DataFrame, horizon: int, path: str) 
     order = {u: i for i, u in enumerate(pd.unique(train.unique_id))}
     return both.sort_values(["unique_id", "ds"], key=lambda c: c.map(order) if c.name == "unique_id" else c,
                             ignore_index=True)
+
+
+def with_recipe(frequency: str, model_args: str) -> str:
+    """``model_args`` with the frequency's recipe added where they leave it open. The recipe is for
+    the recommended architecture: an ``--arch`` other than vqpatch gets none, and a window or
+    hyper-parameter given in ``model_args`` wins over the recipe's."""
+    recipe = RECIPES.get(frequency)
+    tokens = shlex.split(model_args)
+    arch = next((tokens[i + 1] for i, t in enumerate(tokens[:-1]) if t == "--arch"), None)
+    arch = arch or next((t.split("=", 1)[1] for t in tokens if t.startswith("--arch=")), None)
+    if recipe is None or arch not in (None, "vqpatch"):
+        return model_args
+    added = []
+    if not any(t in ("-T", "--time-steps") or t.startswith("--time-steps=") for t in tokens):
+        added += ["-T", str(recipe["time_steps"])]
+    given = {tokens[i + 1].split("=", 1)[0] for i, t in enumerate(tokens[:-1]) if t == "--hp"}
+    for key, value in recipe["hp"].items():
+        if key not in given:
+            added += ["--hp", f"{key}={value}"]
+    return shlex.join(added + tokens)
 
 
 def model_factories(train_path: str, horizon: int, seeds: list[int], model_args: str, quiet: bool) -> dict:
@@ -156,8 +181,9 @@ def main(argv=None) -> int:
     names, note = BL.resolve_baselines(args.baselines)
     if note:
         print(f"note: {note}", file=sys.stderr)
+    model_args = with_recipe(frequency, args.model_args)
     forecasters = {} if args.no_model else model_factories(
-        args.train, horizon, [int(s) for s in args.seeds.split(",") if s.strip()], args.model_args, args.quiet)
+        args.train, horizon, [int(s) for s in args.seeds.split(",") if s.strip()], model_args, args.quiet)
     for name in names:
         forecasters[name] = lambda name=name: BL.make_baseline(name, season)
     if not forecasters:
@@ -172,6 +198,8 @@ def main(argv=None) -> int:
 
     n = frame.unique_id.nunique()
     print(f"M4 {frequency}: {n} series, horizon {horizon}, season {season}, {mode}; loaded in {load_seconds:.1f} s")
+    if not args.no_model:
+        print(f"vqext: the recommended forecaster with {model_args or 'its defaults'}")
     print(f"{'model':<18} {'sMAPE':>8} {'MASE':>8} {'OWA':>7} {'seconds':>9} {'CPU s':>9}")
     for name, r in models.items():
         print(f"{name:<18} {r['smape']:8.3f} {r['mase']:8.3f} {r['owa']:7.3f} {r['seconds']:9.1f} "
@@ -187,6 +215,7 @@ def main(argv=None) -> int:
         atomic_write_json(args.json, {
             "frequency": frequency, "horizon": horizon, "season": season, "series": n, "mode": mode,
             "train": args.train, "test": args.test, "load_seconds": load_seconds, "naive2": reference,
+            "model_args": None if args.no_model else model_args,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores", "models": models})
     return 0
 

@@ -84,3 +84,18 @@ def test_test_file_with_a_wrong_horizon_is_one_clear_line(tmp_path):
     assert proc.returncode != 0
     assert "H1 has 40 test values, expected the horizon 48" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_frequency_recipe_fills_only_what_the_model_args_leave_open():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_m4
+    finally:
+        sys.path.pop(0)
+    recipe = "-T 168 --hp anchor=season --hp season=168"
+    assert bench_m4.with_recipe("Hourly", "") == recipe
+    assert bench_m4.with_recipe("Hourly", "--epochs 5") == recipe + " --epochs 5"
+    assert bench_m4.with_recipe("Hourly", "-T 200") == "--hp anchor=season --hp season=168 -T 200"
+    assert bench_m4.with_recipe("Hourly", "--hp anchor=last") == "-T 168 --hp season=168 --hp anchor=last"
+    assert bench_m4.with_recipe("Hourly", "--arch vqformer") == "--arch vqformer"  # the recipe is vqpatch's
+    assert bench_m4.with_recipe("Weekly", "--epochs 2") == "--epochs 2"  # no recipe: the defaults
