@@ -157,3 +157,37 @@ def test_combining_forecasts_scores_their_pointwise_median():
         B.combine(res, "x", ["c40.0", "nope"])
     with pytest.raises(ValueError, match="already has"):
         B.combine(res, "c40.0", ["c40.0", "c50.0"])
+
+
+def test_nhits_without_neuralforecast_is_one_clear_line(monkeypatch):
+    from vqext import baselines as BL
+
+    monkeypatch.setattr(BL, "neuralforecast_available", lambda: False)
+    assert "NHITS" not in BL.available_baselines()
+    from _runs import invoke
+
+    r = invoke("backtest", "--data", "bundled:nile", "--horizon", "5", "--no-model", "--baselines", "naive,NHITS")
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1, r.output
+    assert "NHITS baseline needs neuralforecast" in lines[0] and "vqext[neural]" in lines[0]
+
+
+def test_nhits_is_trained_once_and_forecasts_every_window_from_its_history():
+    pytest.importorskip("neuralforecast")
+    from neuralforecast.models import NHITS
+
+    from vqext import baselines as BL
+
+    made = []
+
+    def make(h):
+        made.append(h)
+        return NHITS(h=h, input_size=2 * h, max_steps=3, scaler_type="robust", random_seed=1,
+                     enable_progress_bar=False, enable_model_summary=False, logger=False)
+
+    frame = panel()
+    res = B.run_backtest(frame, {"NHITS": lambda: BL.NeuralForecastBaseline(make, "NHITS")}, horizon=4, windows=2)
+    assert made == [4]  # one model for both windows
+    fc = res.forecasts
+    assert len(fc) == 2 * 2 * 4 and np.isfinite(fc.y_hat).all()
+    assert {m.input_size for m in [BL.nhits(12).make_model(6)]} == {18}  # the shipped factory: 3 horizons

@@ -2,7 +2,8 @@
 
 vqext's own baselines are statsforecast's ``Naive`` (``naive``), ``SeasonalNaive`` (``snaive``),
 ``AutoETS``, ``AutoTheta`` and ``AutoARIMA``, used through the library (the optional extra
-``pip install 'vqext[baselines]'``). Plugins add more through the ``vqext.baselines`` entry-point
+``pip install 'vqext[baselines]'``), and neuralforecast's ``NHITS`` where that library is installed
+(``pip install 'vqext[neural]'``). Plugins add more through the ``vqext.baselines`` entry-point
 group: the entry point names a factory ``make(season: int) -> forecaster``.
 
 A forecaster (the protocol the backtest drives, vqext's own model included) has
@@ -24,7 +25,10 @@ import pandas as pd
 from .errors import VqextError
 
 EXTRA_HINT = "pip install 'vqext[baselines]'"
-BUILTIN_BASELINES = ("naive", "snaive", "AutoETS", "AutoTheta", "AutoARIMA")
+NEURAL_HINT = "pip install 'vqext[neural]' (neuralforecast; keep torch pinned: -c constraints with torch==X)"
+STATS_BASELINES = ("naive", "snaive", "AutoETS", "AutoTheta", "AutoARIMA")
+NEURAL_BASELINES = ("NHITS",)
+BUILTIN_BASELINES = STATS_BASELINES + NEURAL_BASELINES
 
 
 class BaselineUnavailable(VqextError):
@@ -33,6 +37,21 @@ class BaselineUnavailable(VqextError):
 
 def statsforecast_available() -> bool:
     return importlib.util.find_spec("statsforecast") is not None
+
+
+def neuralforecast_available() -> bool:
+    return importlib.util.find_spec("neuralforecast") is not None
+
+
+def _builtin_available(name: str) -> bool:
+    return neuralforecast_available() if name in NEURAL_BASELINES else statsforecast_available()
+
+
+def _require_builtin(name: str) -> None:
+    if name in NEURAL_BASELINES and not neuralforecast_available():
+        raise BaselineUnavailable(f"the {name} baseline needs neuralforecast: {NEURAL_HINT}")
+    if name in STATS_BASELINES:
+        _require_statsforecast(name)
 
 
 def _require_statsforecast(what: str):
@@ -103,6 +122,63 @@ def auto_arima(season: int = 1) -> StatsForecastBaseline:
     return StatsForecastBaseline(_require_statsforecast("AutoARIMA").AutoARIMA(season_length=season), "AutoARIMA")
 
 
+class NeuralForecastBaseline:
+    """One neuralforecast model, trained once, globally, on the first history it is given (like
+    vqext's model without ``--refit``), then forecasting from every window's own history. It is
+    built at the first ``predict``, when the horizon is known: neuralforecast models are made for one."""
+
+    refits = False
+
+    def __init__(self, make_model, name: str):
+        self.make_model = make_model  # horizon -> a neuralforecast model
+        self.name = name
+        self._train: pd.DataFrame | None = None
+        self._fitted = None  # (horizon, NeuralForecast)
+
+    def fit(self, train: pd.DataFrame) -> "NeuralForecastBaseline":
+        self._train, self._fitted = train, None
+        return self
+
+    def _quiet(self):
+        import logging
+
+        for logger in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
+            logging.getLogger(logger).setLevel(logging.ERROR)
+
+    def predict(self, h: int, history: pd.DataFrame | None = None) -> pd.DataFrame:
+        from neuralforecast import NeuralForecast
+
+        if self._train is None:
+            raise RuntimeError(f"baseline {self.name}: predict before fit")
+        self._quiet()
+        if self._fitted is None or self._fitted[0] != h:
+            nf = NeuralForecast(models=[self.make_model(h)], freq=1)
+            nf.fit(df=self._train[["unique_id", "ds", "y"]])
+            self._fitted = (h, nf)
+        df = self._train if history is None else history
+        out = self._fitted[1].predict(df=df[["unique_id", "ds", "y"]])
+        if "unique_id" not in out.columns:
+            out = out.reset_index()
+        value = [c for c in out.columns if c not in ("unique_id", "ds", "index")][0]
+        out = out.rename(columns={value: "y_hat"})
+        out["step"] = out.groupby("unique_id", sort=False).cumcount() + 1
+        return out[["unique_id", "step", "y_hat"]].reset_index(drop=True)
+
+
+def nhits(season: int = 1) -> NeuralForecastBaseline:
+    """neuralforecast's NHITS with its defaults, a window of three horizons, windows scaled robustly
+    (one model for series of any level) and short histories padded; seed 1, CPU or GPU as available."""
+    _require_builtin("NHITS")
+
+    def make(h: int):
+        from neuralforecast.models import NHITS
+
+        return NHITS(h=h, input_size=3 * h, scaler_type="robust", start_padding_enabled=True, random_seed=1,
+                     enable_progress_bar=False, enable_model_summary=False, logger=False)
+
+    return NeuralForecastBaseline(make, "NHITS")
+
+
 def available_baselines() -> list[str]:
     """Registered baselines that can run here: vqext's own when statsforecast is installed, and
     every plugin baseline that loads."""
@@ -111,7 +187,7 @@ def available_baselines() -> list[str]:
     out = []
     for name in registry.list_baselines():
         entry = registry._lookup("baseline", name)
-        if entry.builtin and not statsforecast_available():
+        if entry.builtin and not _builtin_available(name):
             continue
         try:
             entry.load()
@@ -136,7 +212,7 @@ def resolve_baselines(spec: str | None) -> tuple[list[str], str | None]:
     for name in names:
         registry._lookup("baseline", name)  # one clear line for an unknown name
         if name in BUILTIN_BASELINES:
-            _require_statsforecast(name)
+            _require_builtin(name)
     return list(dict.fromkeys(names)), None
 
 
@@ -150,5 +226,5 @@ def make_baseline(name: str, season: int):
     return forecaster
 
 
-__all__ = ["StatsForecastBaseline", "BaselineUnavailable", "BUILTIN_BASELINES", "EXTRA_HINT", "available_baselines",
+__all__ = ["StatsForecastBaseline", "NeuralForecastBaseline", "BaselineUnavailable", "BUILTIN_BASELINES", "EXTRA_HINT", "available_baselines",
            "resolve_baselines", "make_baseline", "statsforecast_available"]

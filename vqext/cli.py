@@ -784,7 +784,7 @@ def _horizon_option(f):
               help="train the vqext model again at every origin, or once before the first origin.")
 @click.option("--baselines", "baselines_spec", default=None, metavar="LIST",
               help="comma-separated baselines, or none (default: every available one: naive, snaive, AutoETS, "
-                   "AutoTheta, AutoARIMA with vqext[baselines], and plugins').")
+                   "AutoTheta, AutoARIMA with vqext[baselines], NHITS with vqext[neural], and plugins').")
 @click.option("--model/--no-model", "with_model", default=True, show_default=True,
               help="include the vqext model (--no-model: baselines only).")
 @click.option("--pretrained", "pretrained", default=None, type=click.Path(exists=True, file_okay=False),
