@@ -182,7 +182,7 @@ def test_nhits_is_trained_once_and_forecasts_every_window_from_its_history():
 
     def make(h):
         made.append(h)
-        return NHITS(h=h, input_size=2 * h, max_steps=3, scaler_type="robust", random_seed=1,
+        return NHITS(h=h, input_size=2 * h, max_steps=3, val_check_steps=3, scaler_type="robust", random_seed=1,
                      enable_progress_bar=False, enable_model_summary=False, logger=False)
 
     frame = panel()

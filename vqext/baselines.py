@@ -19,6 +19,7 @@ A forecaster (the protocol the backtest drives, vqext's own model included) has
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import pandas as pd
 
@@ -146,17 +147,20 @@ class NeuralForecastBaseline:
             logging.getLogger(logger).setLevel(logging.ERROR)
 
     def predict(self, h: int, history: pd.DataFrame | None = None) -> pd.DataFrame:
-        from neuralforecast import NeuralForecast
-
         if self._train is None:
             raise RuntimeError(f"baseline {self.name}: predict before fit")
         self._quiet()
-        if self._fitted is None or self._fitted[0] != h:
-            nf = NeuralForecast(models=[self.make_model(h)], freq=1)
-            nf.fit(df=self._train[["unique_id", "ds", "y"]])
-            self._fitted = (h, nf)
-        df = self._train if history is None else history
-        out = self._fitted[1].predict(df=df[["unique_id", "ds", "y"]])
+        with warnings.catch_warnings():
+            # lightning's deprecation notices are about its own internals, not about this use
+            warnings.filterwarnings("ignore", module=r"(pytorch_)?lightning")
+            from neuralforecast import NeuralForecast
+
+            if self._fitted is None or self._fitted[0] != h:
+                nf = NeuralForecast(models=[self.make_model(h)], freq=1)
+                nf.fit(df=self._train[["unique_id", "ds", "y"]])
+                self._fitted = (h, nf)
+            df = self._train if history is None else history
+            out = self._fitted[1].predict(df=df[["unique_id", "ds", "y"]])
         if "unique_id" not in out.columns:
             out = out.reset_index()
         value = [c for c in out.columns if c not in ("unique_id", "ds", "index")][0]
