@@ -63,6 +63,16 @@ def _require_statsforecast(what: str):
     return statsforecast.models
 
 
+def _forecast_frame(out: pd.DataFrame) -> pd.DataFrame:
+    """A Nixtla library's forecast (``unique_id, ds, <model>``) as ``unique_id, step, y_hat``."""
+    if "unique_id" not in out.columns:  # statsforecast < 2 and older neuralforecast: the id is the index
+        out = out.reset_index()
+    value = [c for c in out.columns if c not in ("unique_id", "ds", "index")][0]
+    out = out.rename(columns={value: "y_hat"})
+    out["step"] = out.groupby("unique_id", sort=False).cumcount() + 1
+    return out[["unique_id", "step", "y_hat"]].reset_index(drop=True)
+
+
 class StatsForecastBaseline:
     """One statsforecast model, fitted on each history it forecasts from (one process: n_jobs=1)."""
 
@@ -92,13 +102,7 @@ class StatsForecastBaseline:
         if df is None:
             raise RuntimeError(f"baseline {self.name}: predict before fit")
         sf = StatsForecast(models=[self.model], freq=1, n_jobs=1)
-        out = sf.forecast(df=df[["unique_id", "ds", "y"]], h=h)
-        if "unique_id" not in out.columns:  # statsforecast < 2 returns the id as the index
-            out = out.reset_index()
-        value = [c for c in out.columns if c not in ("unique_id", "ds")][0]
-        out = out.rename(columns={value: "y_hat"})
-        out["step"] = out.groupby("unique_id", sort=False).cumcount() + 1
-        return out[["unique_id", "step", "y_hat"]].reset_index(drop=True)
+        return _forecast_frame(sf.forecast(df=df[["unique_id", "ds", "y"]], h=h))
 
 
 # The factories behind vqext's own entry points (pyproject.toml, group vqext.baselines).
@@ -160,13 +164,7 @@ class NeuralForecastBaseline:
                 nf.fit(df=self._train[["unique_id", "ds", "y"]])
                 self._fitted = (h, nf)
             df = self._train if history is None else history
-            out = self._fitted[1].predict(df=df[["unique_id", "ds", "y"]])
-        if "unique_id" not in out.columns:
-            out = out.reset_index()
-        value = [c for c in out.columns if c not in ("unique_id", "ds", "index")][0]
-        out = out.rename(columns={value: "y_hat"})
-        out["step"] = out.groupby("unique_id", sort=False).cumcount() + 1
-        return out[["unique_id", "step", "y_hat"]].reset_index(drop=True)
+            return _forecast_frame(self._fitted[1].predict(df=df[["unique_id", "ds", "y"]]))
 
 
 def nhits(season: int = 1) -> NeuralForecastBaseline:
@@ -230,5 +228,6 @@ def make_baseline(name: str, season: int):
     return forecaster
 
 
-__all__ = ["StatsForecastBaseline", "NeuralForecastBaseline", "BaselineUnavailable", "BUILTIN_BASELINES", "EXTRA_HINT", "available_baselines",
-           "resolve_baselines", "make_baseline", "statsforecast_available"]
+__all__ = ["StatsForecastBaseline", "NeuralForecastBaseline", "BaselineUnavailable", "BUILTIN_BASELINES", "EXTRA_HINT",
+           "available_baselines", "resolve_baselines", "make_baseline", "statsforecast_available",
+           "neuralforecast_available"]
