@@ -109,13 +109,18 @@ def load_model_state(model, state: dict, path: str) -> None:
                         f"(written by another configuration?): {first}") from None
 
 
+def kept_best(cfg, best: dict | None, epochs_done: int) -> dict | None:
+    """keep_best's pick (``{"epoch", "val_loss", "model"}``) once every epoch has run; None while a
+    run is unfinished or without keep_best: then the last epoch's weights stand (and resume from)."""
+    if cfg.keep_best and best is not None and epochs_done >= cfg.epochs:
+        return best
+    return None
+
+
 def forecasting_weights(cfg, ckpt: dict) -> dict:
-    """The weights a run forecasts with: under ``keep_best``, once every epoch has run, those of its
-    best validation epoch; else the last epoch's (what training continues from on resume)."""
-    best = ckpt.get("best")
-    if cfg.keep_best and best is not None and int(ckpt.get("epoch", 0)) >= cfg.epochs:
-        return best["model"]
-    return ckpt["model"]
+    """The weights a run forecasts with: its best validation epoch's (:func:`kept_best`), else the last."""
+    kept = kept_best(cfg, ckpt.get("best"), int(ckpt.get("epoch", 0)))
+    return kept["model"] if kept is not None else ckpt["model"]
 
 
 def load_run(run_dir: str):

@@ -247,7 +247,7 @@ def forecast(run_or_model, data, horizon: int, *, origin: str = "end", normalize
                           f"that supports it, see `vqext list`); use --rollout")
     horizon = check_horizon(horizon, T)
     panel = as_panel(data, column)
-    uids, contexts, raw_contexts, starts, scalers, lengths, stamps = [], [], [], [], [], [], []
+    uids, contexts, last_values, starts, scalers, lengths, stamps = [], [], [], [], [], [], []
     for i, s in enumerate(panel):
         uid = series_uid(s, i)
         v = np.asarray(s.values, dtype=np.float64)
@@ -260,13 +260,12 @@ def forecast(run_or_model, data, horizon: int, *, origin: str = "end", normalize
         ctx = np.concatenate([np.full(T - len(ctx), ctx[0]), ctx]) if len(ctx) < T else ctx
         uids.append(uid)
         contexts.append(scaler.encode(ctx))
-        raw_contexts.append(ctx)
+        last_values.append(ctx[-1])
         starts.append(0 if origin == "start" else max(0, len(v) - T))
         scalers.append(scaler)
         lengths.append(len(v))
         stamps.append(getattr(s, "ds", None))
     contexts = np.stack(contexts)
-    last_values = [c[-1] for c in raw_contexts]
     last_encoded = contexts[:, -1].astype(np.float32)  # what the model sees
     z = roll(model, contexts, horizon, positions=getattr(cfg, "positions", "window"),
              start=np.asarray(starts), method=method, cache=cache, arch=cfg.arch, pe=cfg.pe, progress=progress,

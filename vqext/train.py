@@ -26,7 +26,7 @@ import torch
 from . import config as C
 from . import distributed
 from . import objectives
-from .checkpoint import load_model_state, open_for_resume, restore_rng, rng_state, save_checkpoint
+from .checkpoint import kept_best, load_model_state, open_for_resume, restore_rng, rng_state, save_checkpoint
 from .windows import WindowSet, build, scalers_to_dict
 from .errors import VqextError
 from .io import atomic_write_json, atomic_write_text
@@ -154,14 +154,6 @@ def _note_if_best(st: _State, epoch: int, val_loss: float) -> None:
         st.best = {"epoch": epoch, "val_loss": val_loss, "model": state}
 
 
-def _restore_best(st: _State) -> int:
-    """Load the remembered best epoch into the model; the epoch it came from (-1: none kept)."""
-    if st.best is None:
-        return -1
-    st.model.load_state_dict(st.best["model"])
-    return int(st.best["epoch"])
-
-
 def epoch_windows(cfg: C.RunConfig, ds: WindowSet) -> int:
     """Training windows per epoch: all of them, or ``windows_per_epoch``."""
     return cfg.windows_per_epoch or len(ds.train_idx)
@@ -270,6 +262,8 @@ def train(cfg: C.RunConfig, run_dir: str | None, *, resume: bool = False, quiet:
     finally:
         if bar is not None:
             bar.close()
-    best_epoch = _restore_best(st) if cfg.keep_best and len(st.history) == cfg.epochs else len(st.history)
+    kept = kept_best(cfg, st.best, len(st.history))
+    if kept is not None:
+        st.model.load_state_dict(kept["model"])
     return TrainResult(st.model, ds, st.history, time.perf_counter() - t0, len(st.history) - st.start_epoch,
-                       best_epoch if best_epoch >= 0 else len(st.history))
+                       int(kept["epoch"]) if kept is not None else len(st.history))
